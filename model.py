@@ -94,7 +94,8 @@ def loss_per_example(model, x0, text, mask, sigma, noise):
     and its DPO/KTO losses (Eqs. 6, 8) consume this vector with the caller's sigma and noise.
     """
     s = _per_example_sigma(sigma, x0)
-    c_skip, c_out, c_in, c_noise = edm_scalings(s, model.config.sigma_data)
+    sigma_data = getattr(model, "module", model).config.sigma_data   # model may be DDP-wrapped
+    c_skip, c_out, c_in, c_noise = edm_scalings(s, sigma_data)
     x = x0 + s * noise
     F_target = (x0 - c_skip * x) / c_out
     F_x = model(c_in * x, c_noise.reshape(-1), text, mask).float()
