@@ -22,7 +22,8 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from data import TextEncoder, attributes_from_prompt, load_corpus, make_codec, prompt_set, register_of, write_wav
+from data import (TextEncoder, attributes_from_prompt, detect_defects, load_corpus, make_codec, prompt_set,
+                  register_of, write_wav)
 from model import DiT, DiTConfig, count_parameters, drop_condition, load_checkpoint, loss_per_example, sample_sigma
 from model import save_atomic, save_model
 from sampler import noise_from_seeds, sample
@@ -237,15 +238,19 @@ def check_base(cfg, model, codec, text_encoder, device):
         path = os.path.join(cfg["out_dir"], "samples", f"pretrain_{i:02d}.wav")
         write_wav(path, audio[i], sr)
         tqdm.write(f"  {path}: {prompts[i]}")
+    if cfg["data"]["source"] != "synthetic":
+        return None
     wanted = [attributes_from_prompt(p).get("register") for p in prompts]
-    got = register_of(audio, sr) if cfg["data"]["source"] == "synthetic" else []
-    pairs = [(w, g) for w, g in zip(wanted, got) if w]
-    if pairs:
-        acc = sum(w == g for w, g in pairs) / len(pairs)
-        tqdm.write(f"register check: {acc:.1%} of {len(pairs)} held-out generations match the prompt's "
-                   f"register (chance 33.3%) [{time.time() - t0:.0f}s]")
-        return acc
-    return None
+    pairs = [(w, g) for w, g in zip(wanted, register_of(audio, sr)) if w]
+    acc = sum(w == g for w, g in pairs) / len(pairs)
+    tqdm.write(f"register check: {acc:.1%} of {len(pairs)} held-out generations match the prompt's "
+               f"register (chance 33.3%) [{time.time() - t0:.0f}s]")
+    test = load_corpus(cfg["data"], "test", n=len(prompts))
+    rate_gen = np.mean([bool(d) for d in detect_defects(audio, sr)])
+    rate_data = np.mean([bool(d) for d in detect_defects(codec.decode(codec.encode(test.audio)), sr)])
+    tqdm.write(f"defect check: hiss or dropout detected in {rate_gen:.1%} of generations and in {rate_data:.1%} "
+               f"of codec-round-tripped test clips")
+    return acc
 
 
 if __name__ == "__main__":

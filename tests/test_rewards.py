@@ -1,0 +1,207 @@
+import copy
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from data import TextEncoder, load_corpus, make_codec
+from pretrain import load_config
+from rewards import (LatentIdentity, build_reward, fad_from_stats, frechet_distance, gaussian_stats, load_or_fit_clap,
+                     per_song_fad, reference_stats, set_stats, vendi_score)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REWARD_MICRO = ["data.n_train=600", "data.n_valid=100", "data.n_test=8", "data.clip_seconds=1.0",
+                "codec.griffin_lim_iters=2", "clap.steps=250", "clap.batch_size=64", "clap.lr=0.003",
+                "reward.n_reference=40", "aesthetics.max_clips=300", "data.rated_fraction=1.0"]
+
+
+def random_spd(d, rank=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, rank or d, generator=g, dtype=torch.float64)
+    return A @ A.T / (rank or d)
+
+
+# ---- Frechet distance -------------------------------------------------------------------------
+
+def test_frechet_matches_the_diagonal_closed_form():
+    a, b = torch.rand(6, dtype=torch.float64) + 0.1, torch.rand(6, dtype=torch.float64) + 0.1
+    mu1, mu2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    expected = ((a.sqrt() - b.sqrt()) ** 2).sum() + ((mu1 - mu2) ** 2).sum()
+    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(float(expected), rel=1e-10)
+
+
+@pytest.mark.parametrize("rank1,rank2", [(None, None), (3, None), (2, 4)])
+def test_frechet_matches_scipy_sqrtm(rank1, rank2):
+    d = 8
+    S1, S2 = random_spd(d, rank1, 1), random_spd(d, rank2, 2)
+    mu1, mu2 = np.random.default_rng(0).standard_normal((2, d))
+    covmean = scipy.linalg.sqrtm(S1.numpy() @ S2.numpy()).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(S1.numpy()) + np.trace(S2.numpy()) - 2 * np.trace(covmean)
+    got = frechet_distance(mu1, S1.numpy(), mu2, S2.numpy())          # numpy inputs work too
+    assert isinstance(got, float)
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_fad_of_a_set_with_itself_is_zero_and_never_negative():
+    x = torch.randn(50, 6, dtype=torch.float64)
+    st = gaussian_stats(x)
+    assert abs(frechet_distance(st["mu"], st["sigma"], st["mu"], st["sigma"])) < 1e-8
+    for seed in range(5):
+        y = gaussian_stats(torch.randn(3, 6, generator=torch.Generator().manual_seed(seed)))   # rank 2
+        assert frechet_distance(y["mu"], y["sigma"], st["mu"], st["sigma"]) >= 0
+
+
+def test_batched_per_song_fad_equals_the_loop():
+    ref = gaussian_stats(torch.randn(200, 5, dtype=torch.float64))
+    frames = torch.randn(7, 4, 5)                                       # 4 frames in 5-d: rank-deficient
+    batched = per_song_fad(frames, ref)
+    for b in range(7):
+        st = gaussian_stats(frames[b])
+        assert batched[b].item() == pytest.approx(-frechet_distance(st["mu"], st["sigma"], ref["mu"], ref["sigma"]),
+                                                  rel=1e-5)
+
+
+def test_pooled_set_statistics_equal_the_direct_computation():
+    ref = gaussian_stats(torch.randn(100, 4, dtype=torch.float64))
+    frames = torch.randn(6, 9, 4)
+    stats = set_stats(frames)
+    members = torch.tensor([0, 2, 5])
+    pooled = gaussian_stats(frames[members].reshape(-1, 4))
+    assert fad_from_stats(stats, members, ref) == pytest.approx(
+        -frechet_distance(pooled["mu"], pooled["sigma"], ref["mu"], ref["sigma"]), rel=1e-9)
+
+
+# ---- Vendi ------------------------------------------------------------------------------------
+
+def test_vendi_extremes_and_a_hand_value():
+    assert vendi_score(torch.eye(5) * 3) == pytest.approx(5.0)            # orthogonal: n
+    assert vendi_score(torch.ones(4, 3)) == pytest.approx(1.0)            # identical: 1
+    # two unit vectors with cosine c: eig(K/2) = (1 +- c)/2
+    c = 0.6
+    lam = np.array([(1 + c) / 2, (1 - c) / 2])
+    x = torch.tensor([[1.0, 0.0], [c, np.sqrt(1 - c * c)]])
+    assert vendi_score(x) == pytest.approx(float(np.exp(-(lam * np.log(lam)).sum())))
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_per_song_fad_bad_input():
+    ref = gaussian_stats(torch.randn(20, 4))
+    with pytest.raises(ValueError, match="at least 2 frames per clip, got 1"):
+        per_song_fad(torch.randn(3, 1, 4), ref)
+    with pytest.raises(ValueError, match="dimension 5 but the reference statistics have 4"):
+        per_song_fad(torch.randn(3, 6, 5), ref)
+
+
+# ---- the offline CLAP and the rewards built from config ---------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rewards")
+    cfg = load_config(os.path.join(ROOT, "config.yaml"), REWARD_MICRO + [f"out_dir={out}"])
+    text_encoder = TextEncoder("minilm", 32)
+    codec = make_codec(cfg)
+    clap = load_or_fit_clap(cfg, text_encoder)
+    test = load_corpus(cfg["data"], "test", n=8)
+    return cfg, codec, text_encoder, clap, codec.encode(test.audio), test.captions
+
+
+def test_offline_clap_retrieval_beats_chance_by_a_wide_margin(world):
+    cfg, _, text_encoder, clap, _, _ = world
+    from rewards import clap_retrieval
+    report = clap_retrieval(clap.model, clap.mel, text_encoder, cfg)
+    assert report["top5"] > 5 * report["chance_top5"], report     # chance: 5%
+    assert os.path.isfile(os.path.join(cfg["out_dir"], "rewards", "clap.pt"))
+
+
+def test_clap_embeddings_are_normalised_and_paraphrases_agree(world):
+    _, _, _, clap, _, _ = world
+    t = clap.text_embedding(["fast guitar with drums", "quick guitar over a drum beat", "slow bells solo"])
+    torch.testing.assert_close(t.norm(dim=1), torch.ones(3))
+    assert (t[0] @ t[1]) > (t[0] @ t[2])
+
+
+def reward_for(world, **spec):
+    cfg, codec, text_encoder, _, latents, prompts = world
+    c = copy.deepcopy(cfg)
+    c["reward"].update(spec)
+    reward = build_reward(c, codec, text_encoder)
+    return reward, reward.features(latents, prompts), prompts
+
+
+def test_clap_score_is_a_cosine(world):
+    reward, f, prompts = reward_for(world, kind="clap_score")
+    s = reward.score(f, prompts)
+    assert reward.type == "instance-to-instance" and s.shape == (8,)
+    assert (s.abs() <= 1 + 1e-6).all()
+    # the matching prompt scores higher on average than a shuffled one
+    assert s.mean() > reward.score(f, prompts[1:] + prompts[:1]).mean()
+
+
+def test_aesthetics_predictor_fits_ratings(world):
+    reward, f, _ = reward_for(world, kind="aesthetics")
+    from model import load_checkpoint
+    head = load_checkpoint(os.path.join(world[0]["out_dir"], "rewards", "aesthetics.pt"))
+    assert head["report"]["plcc"] > 0.3, head["report"]
+    assert head["report"]["n_val"] == round(0.15 * 300)
+    s = reward.score(f)
+    assert reward.type == "instance" and s.shape == (8,) and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("encoder,reference", [("latent", "audio:alim"), ("clap", "audio:sd"), ("clap", "text:alim")])
+def test_per_song_fad_rewards(world, encoder, reference):
+    reward, f, _ = reward_for(world, kind="fad_per_song", encoder=encoder, reference=reference)
+    s = reward.score(f)
+    assert reward.type == "instance-to-distribution" and s.shape == (8,) and (s <= 1e-9).all()
+
+
+def test_text_exemplars_need_a_cross_modal_encoder(world):
+    with pytest.raises(ValueError, match="text exemplars need a cross-modal encoder"):
+        reward_for(world, kind="fad_per_song", encoder="latent", reference="text:alim")
+
+
+def test_set_rewards(world):
+    fad, f, _ = reward_for(world, kind="fad_dataset", encoder="clap", reference="audio:alim")
+    assert fad.is_set and fad.set_score(f) <= 0
+    vendi, f, _ = reward_for(world, kind="vendi", encoder="clap")
+    assert vendi.is_set and 1.0 <= vendi.set_score(f) <= 8.0
+
+
+def test_reference_cache_is_reused_and_invalidated_when_the_encoder_changes(world):
+    cfg, codec, _, _, _, _ = world
+    calls = []
+
+    def embed(audio):
+        calls.append(len(audio))
+        return codec.encode(audio).transpose(1, 2)
+    a = reference_stats(cfg, LatentIdentity(cfg), "audio:sd", embed)
+    b = reference_stats(cfg, LatentIdentity(cfg), "audio:sd", embed)
+    assert len(calls) == 1 and torch.equal(a["mu"], b["mu"])            # reused from disk
+    other = copy.deepcopy(cfg)
+    other["codec"]["log_scale"] = 4.5                                    # a different encoder
+    codec2 = make_codec(other)
+    c = reference_stats(other, LatentIdentity(other), "audio:sd", lambda x: codec2.encode(x).transpose(1, 2))
+    assert not torch.allclose(c["mu"], a["mu"])
+    assert reference_stats(cfg, LatentIdentity(cfg), "audio:sd", embed) is not None and len(calls) == 2
+
+
+def test_reward_bad_input(world):
+    cfg, codec, text_encoder, _, latents, prompts = world
+    reward, _, _ = reward_for(world, kind="clap_score")
+    bad = latents.clone()
+    bad[2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"reward clap_score: examples \[2\] contain NaN"):
+        reward.features(bad, prompts)
+    silent = torch.full_like(latents, -50.0)                             # decodes to silence
+    with pytest.raises(ValueError, match=r"reward clap_score: clips \[0, 1, .*\] are silent"):
+        reward.features(silent, prompts)
+    with pytest.raises(ValueError, match="reward.kind must be one of"):
+        reward_for(world, kind="fid")
+    with pytest.raises(ValueError, match="reward.reference must be 'audio:NAME' or 'text:NAME'"):
+        reward_for(world, kind="fad_per_song", encoder="latent", reference="alim")
+    empty = os.path.join(cfg["out_dir"], "empty.txt")
+    open(empty, "w").write("# nothing\n")
+    with pytest.raises(ValueError, match="empty.txt has no entries"):
+        reward_for(world, kind="fad_per_song", encoder="clap", reference=f"text:{empty}")
