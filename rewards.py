@@ -440,17 +440,23 @@ REWARD_TYPES = {"aesthetics": "instance", "clap_score": "instance-to-instance",
 @dataclass
 class Reward:
     """features(latents, prompts) -> per-example features (computed once per batch);
-    instance types: score(features, prompts) -> [B];  set types: set_score(features) -> float,
-    plus per-example sufficient statistics (set_stats) whose sums give fast swaps (fad_dataset)."""
+    instance types: score(features, prompts) -> [B];
+    set types: set_scorer(features) -> r(members), a function of an index tensor into the batch
+    that is cheap to call many times (dataset FAD sums per-example statistics once, so a swap
+    costs one d x d eigendecomposition)."""
     name: str
     type: str
     features: object
     score: object = None
-    set_score: object = None
+    set_scorer: object = None
 
     @property
     def is_set(self):
         return self.type == "distribution"
+
+    def set_score(self, features):
+        """r(S) of the whole batch of features."""
+        return self.set_scorer(features)(torch.arange(len(features)))
 
 
 def frame_features(cfg, codec, clap, encoder_name, reward_name):
@@ -545,7 +551,7 @@ def build_reward(cfg, codec, text_encoder, rank=0):
     frames = frame_features(cfg, codec, clap, rc["encoder"], name)
     if kind == "vendi":                                       # distribution, reference-free: r(S)
         return Reward(name, "distribution", lambda z, p=None: F.normalize(frames(z).mean(1), dim=-1),
-                      set_score=vendi_score)
+                      set_scorer=lambda emb: lambda members: vendi_score(emb[members]))
     encoder = clap if rc["encoder"] == "clap" else LatentIdentity(cfg)
     ref = reference_stats(cfg, encoder, rc["reference"], lambda audio: frames(codec.encode(audio)), rank)
     if kind == "fad_per_song":                                # instance-to-distribution: r(x, R)
@@ -555,10 +561,9 @@ def build_reward(cfg, codec, text_encoder, rank=0):
         if features.shape[2] != ref["mu"].shape[0]:
             raise ValueError(f"reward {name}: embedding dimension {features.shape[2]} != reference "
                              f"{ref['mu'].shape[0]}")
-        return fad_from_stats(set_stats(features), torch.arange(len(features)), ref)
-    reward = Reward(name, "distribution", frames, set_score=dataset_fad)
-    reward.reference = ref
-    return reward
+        stats = set_stats(features)
+        return lambda members: fad_from_stats(stats, members, ref)
+    return Reward(name, "distribution", frames, set_scorer=dataset_fad)
 
 
 class LatentIdentity:

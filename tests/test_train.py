@@ -1,0 +1,116 @@
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import text_batch, tiny_dit
+from dragon import Sets
+from model import load_checkpoint
+from pretrain import load_config, pretrain
+from train import dragon_update, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = ["data.n_train=64", "data.n_test=8", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
+         "model.width=32", "model.depth=1", "model.heads=2", "pretrain.batch_size=16", "pretrain.lr=0.003",
+         "pretrain.warmup=1", "pretrain.ema_decay=0.8", "pretrain.steps=60", "pretrain.n_samples=0",
+         "pretrain.n_check=0", "sampler.steps=4", "reward.kind=fad_per_song", "reward.encoder=latent",
+         "reward.reference=audio:sd", "reward.n_reference=32", "dragon.prompts_per_round=6", "dragon.demo_steps=3",
+         "dragon.n_eval=8", "dragon.eval_every=2", "dragon.n_wav=1", "dragon.ckpt_every=1", "dragon.lr=0.001"]
+
+
+def cfg_for(out, *extra):
+    return load_config(os.path.join(ROOT, "config.yaml"), MICRO + [f"out_dir={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dragon")
+    pretrain(cfg_for(out))
+    return out
+
+
+UPDATE_CFG = {"dragon": {"loss": "dpo", "cond_dropout": 0.1, "bf16": False, "beta": 5000.0, "kappa": 0.5,
+                         "kto_w_pos": 1.0, "kto_w_neg": 1.0, "grad_clip": 45.0},
+              "pretrain": {"P_mean": 0.4, "P_std": 1.0}}
+
+
+def update_inputs():
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(10, 4, 8, generator=g) * 0.5
+    text, mask = text_batch(10)
+    sets = Sets(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5, 6, 7, 8, 9]), paired=True)
+    return latents, text, mask, sets
+
+
+def run_updates(rank, world, losses=("dpo", "kto")):
+    """Two DRAGON updates (DPO, then KTO) of a tiny model; returns f_theta's and f_ref's weights."""
+    ref = tiny_dit(seed=1).requires_grad_(False)
+    model = copy.deepcopy(ref).train().requires_grad_(True)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    latents, text, mask, sets = update_inputs()
+    for i, loss in enumerate(losses):
+        cfg = copy.deepcopy(UPDATE_CFG)
+        cfg["dragon"]["loss"] = loss
+        dragon_update(model, train_model, ref, opt, latents, text, mask, sets, cfg,
+                      torch.Generator().manual_seed(10 + i), rank, world, torch.device("cpu"))
+    return model.state_dict(), ref.state_dict()
+
+
+def _ddp_worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    state, _ = run_updates(rank, world)
+    if rank == 0:
+        torch.save(state, out_file)
+    dist.destroy_process_group()
+
+
+def test_f_ref_is_unchanged_and_f_theta_moves():
+    before = {k: v.clone() for k, v in tiny_dit(seed=1).state_dict().items()}
+    theta, ref = run_updates(0, 1)
+    assert all(torch.equal(before[k], ref[k]) for k in before)
+    assert any(not torch.equal(before[k], theta[k]) for k in before)
+
+
+def test_two_process_gloo_ddp_gives_the_same_update(tmp_path):
+    single, _ = run_updates(0, 1)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6)
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(base_dir):
+    straight = cfg_for(base_dir, "dragon.rounds=4", "dragon.run_name=straight")
+    train(straight)
+    train(cfg_for(base_dir, "dragon.rounds=2", "dragon.run_name=resumed"))          # "interrupted" after 2
+    train(cfg_for(base_dir, "dragon.rounds=4", "dragon.run_name=resumed"))
+    a = load_checkpoint(base_dir / "straight" / "dragon_state.pt")
+    b = load_checkpoint(base_dir / "resumed" / "dragon_state.pt")
+    assert a["round"] == b["round"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    log = [json.loads(line) for line in open(base_dir / "resumed" / "log.jsonl")]
+    assert [e["round"] for e in log] == [1, 2, 3, 4]
+    assert (base_dir / "straight" / "reward_curve.png").is_file()
+
+
+def test_micro_dragon_raises_the_reward_on_held_out_prompts(base_dir):
+    train(cfg_for(base_dir, "dragon.rounds=12", "dragon.eval_every=12", "dragon.run_name=micro", "dragon.p_ref=0.0"))
+    last = [json.loads(line) for line in open(base_dir / "micro" / "log.jsonl")][-1]
+    assert last["eval_reward"] > last["eval_reward_base"]
+    assert last["eval_win_rate"] > 0.5
+
+
+def test_config_errors_name_the_key(base_dir):
+    with pytest.raises(ValueError, match=r"dragon.loss='ipo': allowed values are \['dpo', 'kto'\]"):
+        train(cfg_for(base_dir, "dragon.loss=ipo"))
+    with pytest.raises(ValueError, match="dragon.sets='paired' needs a per-example reward"):
+        train(cfg_for(base_dir, "reward.kind=vendi"))
+    with pytest.raises(ValueError, match="dragon.sets='greedy' is for set rewards"):
+        train(cfg_for(base_dir, "dragon.sets=greedy"))
