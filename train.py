@@ -110,7 +110,7 @@ def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets,
         loss, metrics = kto_loss(e_theta, e_ref, labels.to(device), dc["beta"], dc["kto_w_pos"], dc["kto_w_neg"],
                                  normalizer=K / world)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"DRAGON loss is {loss.item()}")
+        raise FloatingPointError(f"DRAGON loss is {loss.item()}; the last good checkpoint is kept")
     opt.zero_grad(set_to_none=True)
     loss.backward()                                                    # DDP averages gradients
     metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), dc["grad_clip"]).item()  # clip 45
@@ -125,10 +125,15 @@ def score(reward, latents, prompts):
     if reward.is_set:
         return reward.set_scorer(features)
     r = reward.score(features, prompts).double()
-    if not torch.isfinite(r).all():
-        raise FloatingPointError(f"reward {reward.name} is NaN or infinite for examples "
-                                 f"{(~torch.isfinite(r)).nonzero().flatten().tolist()}")
+    check_finite_rewards(r, reward.name)
     return r
+
+
+def check_finite_rewards(r, name):
+    if not torch.isfinite(torch.as_tensor(r)).all():
+        raise FloatingPointError(f"reward {name} is NaN or infinite for examples "
+                                 f"{(~torch.isfinite(r)).nonzero().flatten().tolist()}; the last good "
+                                 f"checkpoint is kept")
 
 
 @torch.no_grad()
@@ -222,6 +227,7 @@ def train(cfg):
                 sets = build_sets(dc["sets"], pairs, set_reward=scored, generator=g)
                 r_pos, r_neg = scored(sets.pos), scored(sets.neg)
                 r_mean = scored(torch.arange(2 * P))
+                check_finite_rewards(torch.tensor([r_pos, r_neg, r_mean]), reward.name)
             else:
                 sets = build_sets(dc["sets"], pairs, rewards=scored, generator=g)
                 r_pos, r_neg, r_mean = scored[sets.pos].mean().item(), scored[sets.neg].mean().item(), scored.mean().item()

@@ -114,3 +114,37 @@ def test_config_errors_name_the_key(base_dir):
         train(cfg_for(base_dir, "reward.kind=vendi"))
     with pytest.raises(ValueError, match="dragon.sets='greedy' is for set rewards"):
         train(cfg_for(base_dir, "dragon.sets=greedy"))
+
+
+def test_nan_reward_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch):
+    import train as train_module
+    real, calls = train_module.score, []
+
+    def flaky(reward, latents, prompts):
+        calls.append(1)
+        r = real(reward, latents, prompts)
+        if len(calls) == 3:                       # base evaluation and round 1 fine, round 2 NaN
+            r = r.clone()
+            r[0] = float("nan")
+            train_module.check_finite_rewards(r, reward.name)
+        return r
+    monkeypatch.setattr(train_module, "score", flaky)
+    with pytest.raises(FloatingPointError, match=r"reward fad_per_song\[latent,audio:sd\] is NaN"):
+        train(cfg_for(base_dir, "dragon.rounds=4", "dragon.run_name=nan"))
+    assert load_checkpoint(base_dir / "nan" / "dragon_state.pt")["round"] == 1
+
+
+def test_ctrl_c_saves_and_the_same_command_resumes(base_dir, monkeypatch):
+    import train as train_module
+    real, calls = train_module.dragon_update, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(train_module, "dragon_update", interrupted)
+    assert train(cfg_for(base_dir, "dragon.rounds=3", "dragon.run_name=ctrlc")) is None
+    assert load_checkpoint(base_dir / "ctrlc" / "dragon_state.pt")["round"] == 1
+    monkeypatch.setattr(train_module, "dragon_update", real)
+    assert train(cfg_for(base_dir, "dragon.rounds=3", "dragon.run_name=ctrlc")).endswith("dragon.pt")
