@@ -10,6 +10,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import DiT, DiTConfig  # noqa: E402
 
+# The test models are tiny: one thread avoids OpenMP hand-off costs that dominate (and explode
+# when another process shares the two cores).
+torch.set_num_threads(1)
+
 TINY = dict(latent_channels=4, patch=2, width=32, depth=2, heads=4, text_dim=8)
 
 
