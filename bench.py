@@ -8,6 +8,7 @@ next to the generation time. Rewards' models (offline CLAP, aesthetics head) and
 statistics are fitted / cached on first use; that one-off cost is printed separately.
 """
 import copy
+import os
 import sys
 import time
 
@@ -31,7 +32,6 @@ REWARDS = [
 
 def main(cfg, n=80):
     _, _, device = setup_distributed(cfg)
-    import os
     base = os.path.join(cfg["out_dir"], "base.pt")
     if not os.path.isfile(base):
         print(f"no base model at {base}: pre-training it first")

@@ -36,7 +36,8 @@ from model import load_checkpoint, save_atomic
 # =============================================================================================
 
 def _f64(x):
-    return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float64)
+    """numpy or torch input -> float64 tensor."""
+    return torch.as_tensor(x).to(torch.float64)
 
 
 def sqrtm_psd(S):

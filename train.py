@@ -160,7 +160,7 @@ def train(cfg):
     run_dir = os.path.join(out, dc["run_name"])
     base_path = os.path.join(out, "base.pt")
     if not os.path.isfile(base_path):
-        log(rank, f"no base model at {base_path}: pre-training it first (python pretrain.py {cfg.get('_path', 'config.yaml')})")
+        log(rank, f"no base model at {base_path}: pre-training it first (what pretrain.py does)")
         pretrain(cfg)
     codec = make_codec(cfg)
     text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
@@ -203,7 +203,7 @@ def train(cfg):
                          "model_config": cfg["model"]}, state_path)
 
     bar = tqdm(total=dc["rounds"], initial=start, desc=f"DRAGON {reward.name}", disable=rank != 0, dynamic_ncols=True)
-    rnd = start
+    completed = start                                                    # rounds whose update is applied
     try:
         for rnd in range(start, dc["rounds"]):
             g = round_generator(cfg["seed"], rnd)
@@ -236,6 +236,7 @@ def train(cfg):
             text, mask = text_encoder(demo_prompts)
             metrics = dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets, cfg, g,
                                     rank, world, device)
+            completed = rnd + 1
             t3 = time.time()
             # F10: log
             entry = {"round": rnd + 1, "generator": "ref" if use_ref else "theta", "reward": r_mean,
@@ -260,8 +261,8 @@ def train(cfg):
             bar.set_postfix(r=f"{r_mean:.3f}", acc=f"{metrics['implicit_acc']:.2f}",
                             **({"eval": f"{entry['eval_reward']:.3f}"} if "eval_reward" in entry else {}))
     except KeyboardInterrupt:
-        save_state(rnd)
-        log(rank, f"interrupted: saved round {rnd} to {state_path}; run the same command to resume")
+        save_state(completed)
+        log(rank, f"interrupted: saved round {completed} to {state_path}; run the same command to resume")
         return None
     bar.close()
     if rank == 0:

@@ -1,0 +1,157 @@
+"""Evaluation: the fine-tuned model against the base model, reward by reward.
+
+    python eval.py config.yaml [eval.checkpoint=PATH] [section.key=value ...]
+
+Both models generate from the same prompts with the same initial noise per prompt (seeded by
+the prompt's index), on each evaluation prompt set (held-out captions, user prompts), with the
+full inference sampler. For every reward in `eval.rewards`: the value for both models and the
+fine-tuned model's win rate with a 95% bootstrap interval (per prompt for instance-type rewards,
+ties count 1/2; over random prompt subsets for set rewards). Writes eval.md, eval.json,
+win_rates.png and base-vs-fine-tuned WAV pairs next to the checkpoint.
+
+Also the paper's human-study statistics for vote counts: human_study_stats(wins, n).
+"""
+import copy
+import json
+import os
+import sys
+
+import numpy as np
+import scipy.stats
+import torch
+
+from data import TextEncoder, make_codec, prompt_set, write_wav
+from model import load_model
+from pretrain import generate_latents, parse_args, setup_distributed
+from rewards import build_reward
+
+
+def human_study_stats(wins, n):
+    """Paired-preference votes: win rate, exact one-sided binomial p-value for H0: rate = 1/2,
+    one-sided 95% Clopper-Pearson lower bound, and P(rate > 1/2) under a uniform Beta(1, 1) prior."""
+    if not 0 <= wins <= n or n < 1:
+        raise ValueError(f"need 0 <= wins <= n and n >= 1, got wins={wins}, n={n}")
+    return {"win_rate": wins / n,
+            "lower_bound": float(scipy.stats.beta.ppf(0.05, wins, n - wins + 1)) if wins > 0 else 0.0,
+            "p_value": float(scipy.stats.binom.sf(wins - 1, n, 0.5)),
+            "posterior": float(scipy.stats.beta.sf(0.5, wins + 1, n - wins + 1))}
+
+
+def win_rate(rewards_finetuned, rewards_base, n_boot=2000, seed=0):
+    """Per-prompt win rate of paired rewards (ties 1/2) and its 95% percentile-bootstrap interval
+    over prompts: (rate, ci_low, ci_high)."""
+    ft, base = np.asarray(rewards_finetuned, dtype=float), np.asarray(rewards_base, dtype=float)
+    if ft.shape != base.shape or ft.ndim != 1 or len(ft) == 0:
+        raise ValueError(f"win_rate needs two equal-length 1-D reward vectors, got {ft.shape} and {base.shape}")
+    wins = (ft > base) + 0.5 * (ft == base)
+    boot = np.random.default_rng(seed).choice(wins, size=(n_boot, len(wins))).mean(axis=1)
+    return float(wins.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def set_win_rate(set_reward_ft, set_reward_base, n, n_boot=400, seed=0):
+    """Set rewards: draw random halves of the prompts; the fine-tuned model wins a draw when its
+    set reward on those prompts beats the base model's on the same prompts (ties 1/2). Returns the
+    win rate over draws and a 95% interval from bootstrapping the draws."""
+    rng = np.random.default_rng(seed)
+    wins = []
+    for _ in range(n_boot):
+        members = torch.from_numpy(rng.choice(n, size=n // 2, replace=False))
+        a, b = set_reward_ft(members), set_reward_base(members)
+        wins.append(1.0 if a > b else 0.5 if a == b else 0.0)
+    wins = np.array(wins)
+    boot = rng.choice(wins, size=(1000, len(wins))).mean(axis=1)
+    return float(wins.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def parse_reward(spec):
+    """'kind' or 'kind/encoder' or 'kind/encoder/reference' -> dict for config section reward."""
+    parts = spec.split("/")
+    keys = ["kind", "encoder", "reference"][: len(parts)]
+    return dict(zip(keys, parts))
+
+
+def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
+    """Rows of the metric table: one per (prompt set, reward)."""
+    ec = cfg["eval"]
+    T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
+    rows, latents = [], {}
+    for set_name in ec["prompt_sets"]:
+        prompts = prompt_set(cfg["data"], set_name)[: ec["n_prompts"]]
+        seeds = [20_000 + i for i in range(len(prompts))]                 # same noise for both models
+        latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device)
+                             for name, m in (("base", base), ("finetuned", finetuned))}
+        for spec in ec["rewards"]:
+            c = copy.deepcopy(cfg)
+            c["reward"].update(parse_reward(spec))
+            reward = build_reward(c, codec, text_encoder)
+            f_base = reward.features(latents[set_name]["base"], prompts)
+            f_ft = reward.features(latents[set_name]["finetuned"], prompts)
+            if reward.is_set:
+                r_base, r_ft = reward.set_scorer(f_base), reward.set_scorer(f_ft)
+                every = torch.arange(len(prompts))
+                v_base, v_ft = r_base(every), r_ft(every)
+                rate, lo, hi = set_win_rate(r_ft, r_base, len(prompts))
+            else:
+                s_base, s_ft = reward.score(f_base, prompts), reward.score(f_ft, prompts)
+                v_base, v_ft = s_base.mean().item(), s_ft.mean().item()
+                rate, lo, hi = win_rate(s_ft.numpy(), s_base.numpy())
+            rows.append({"prompts": set_name, "reward": reward.name, "type": reward.type, "base": v_base,
+                         "finetuned": v_ft, "win_rate": rate, "ci_low": lo, "ci_high": hi, "n": len(prompts)})
+            print(f"{set_name:8s} {reward.name:34s} base {v_base:9.4f}  fine-tuned {v_ft:9.4f}  "
+                  f"win {rate:6.1%} [{lo:.1%}, {hi:.1%}]", flush=True)
+    return rows, latents
+
+
+def markdown_table(rows):
+    lines = ["| prompts | reward | type | base | fine-tuned | win rate [95% CI] |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['prompts']} | {r['reward']} | {r['type']} | {r['base']:.4f} | {r['finetuned']:.4f} | "
+                     f"{r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] |")
+    return "\n".join(lines)
+
+
+def plot_win_rates(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
+    labels = [f"{r['reward']} ({r['prompts']})" for r in rows]
+    rates = np.array([r["win_rate"] for r in rows]) * 100
+    err = np.array([[r["win_rate"] - r["ci_low"], r["ci_high"] - r["win_rate"]] for r in rows]).T * 100
+    ax.barh(labels, rates, xerr=err, color="tab:blue", alpha=0.8)
+    ax.axvline(50, color="gray", ls="--")
+    ax.set_xlabel("win rate against the base model (%)")
+    ax.set_xlim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(cfg):
+    torch.set_grad_enabled(False)
+    _, _, device = setup_distributed(cfg)
+    ec = cfg["eval"]
+    ckpt = ec["checkpoint"] or os.path.join(cfg["out_dir"], cfg["dragon"]["run_name"], "dragon.pt")
+    out = os.path.dirname(os.path.abspath(ckpt))
+    base = load_model(os.path.join(cfg["out_dir"], "base.pt"), map_location=device)[0].eval()
+    finetuned = load_model(ckpt, map_location=device)[0].eval()
+    codec = make_codec(cfg)
+    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    rows, latents = evaluate_models(cfg, base, finetuned, codec, text_encoder, device)
+    table = markdown_table(rows)
+    with open(os.path.join(out, "eval.md"), "w") as f:
+        f.write(f"Fine-tuned {ckpt} against the base model\n\n{table}\n")
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    plot_win_rates(rows, os.path.join(out, "win_rates.png"))
+    first = ec["prompt_sets"][0]
+    for name in ("base", "finetuned"):
+        for i, a in enumerate(codec.decode(latents[first][name][: ec["n_wav"]])):
+            write_wav(os.path.join(out, "eval_samples", f"{i:02d}_{name}.wav"), a, cfg["data"]["sample_rate"])
+    print(table)
+    print(f"wrote {out}/eval.md, eval.json, win_rates.png, eval_samples/")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from eval import human_study_stats, parse_reward, set_win_rate, win_rate
+
+
+@pytest.mark.parametrize("wins,rate,lower,p", [(253, 0.6024, 0.5615, 1.58e-5), (256, 0.6095, 0.5687, 4.15e-6)])
+def test_human_study_stats_on_the_papers_numbers(wins, rate, lower, p):
+    s = human_study_stats(wins, 420)
+    assert s["win_rate"] == pytest.approx(rate, abs=5e-5)
+    assert s["lower_bound"] == pytest.approx(lower, abs=5e-5)
+    assert s["p_value"] == pytest.approx(p, rel=5e-3)
+    assert 0.999 < s["posterior"] < 1.0
+
+
+def test_human_study_stats_against_direct_sums():
+    # p-value = sum_{k >= wins} C(n, k) / 2^n ; posterior of Beta(wins+1, n-wins+1) above 1/2
+    from math import comb
+    n, w = 30, 20
+    assert human_study_stats(w, n)["p_value"] == pytest.approx(sum(comb(n, k) for k in range(w, n + 1)) / 2 ** n)
+    grid = np.linspace(0, 1, 200001)
+    dens = grid ** w * (1 - grid) ** (n - w)
+    assert human_study_stats(w, n)["posterior"] == pytest.approx(dens[grid > 0.5].sum() / dens.sum(), abs=1e-4)
+    # the Clopper-Pearson bound is where the binomial tail P(X >= w | p) equals 5%
+    lb = human_study_stats(w, n)["lower_bound"]
+    assert scipy.stats.binom.sf(w - 1, n, lb) == pytest.approx(0.05, abs=1e-9)
+    with pytest.raises(ValueError, match="0 <= wins <= n"):
+        human_study_stats(5, 4)
+
+
+def test_win_rate_counts_ties_as_half_and_brackets_the_rate():
+    ft = np.array([1.0, 2.0, 3.0, 4.0, 0.0])
+    base = np.array([0.0, 2.0, 4.0, 1.0, 0.0])
+    rate, lo, hi = win_rate(ft, base)
+    assert rate == pytest.approx((1 + 0.5 + 0 + 1 + 0.5) / 5)
+    assert lo <= rate <= hi and 0 <= lo and hi <= 1
+    r, lo, hi = win_rate(np.arange(200.0) + 1, np.arange(200.0))
+    assert r == lo == hi == 1.0
+    with pytest.raises(ValueError, match="equal-length"):
+        win_rate([1.0, 2.0], [1.0])
+
+
+def test_set_win_rate_for_a_clearly_better_set():
+    good, bad = torch.rand(40) + 1.0, torch.rand(40)
+    rate, lo, hi = set_win_rate(lambda m: float(good[m].mean()), lambda m: float(bad[m].mean()), 40)
+    assert rate == 1.0 and lo == 1.0
+    rate, lo, hi = set_win_rate(lambda m: 1.0, lambda m: 1.0, 40)
+    assert rate == 0.5
+
+
+def test_parse_reward():
+    assert parse_reward("vendi/clap") == {"kind": "vendi", "encoder": "clap"}
+    assert parse_reward("fad_per_song/clap/text:alim") == {"kind": "fad_per_song", "encoder": "clap",
+                                                           "reference": "text:alim"}
