@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -54,3 +56,18 @@ def test_parse_reward():
     assert parse_reward("vendi/clap") == {"kind": "vendi", "encoder": "clap"}
     assert parse_reward("fad_per_song/clap/text:alim") == {"kind": "fad_per_song", "encoder": "clap",
                                                            "reference": "text:alim"}
+
+
+def test_eval_main_writes_table_json_plot_and_wavs(tmp_path):
+    from eval import main
+    from test_train import cfg_for
+    from train import train
+    ckpt = train(cfg_for(tmp_path, "dragon.rounds=1", "dragon.eval_every=1"))
+    cfg = cfg_for(tmp_path, "eval.n_prompts=6", "eval.n_wav=2",
+                  "eval.rewards=[fad_per_song/latent/audio:sd, vendi/latent]")
+    rows = main(cfg)
+    assert [(r["prompts"], r["type"]) for r in rows] == [("heldout", "instance-to-distribution"), ("heldout", "distribution"),
+                                                         ("user", "instance-to-distribution"), ("user", "distribution")]
+    out = os.path.dirname(ckpt)
+    for name in ("eval.md", "eval.json", "win_rates.png", "eval_samples/00_base.wav", "eval_samples/01_finetuned.wav"):
+        assert os.path.isfile(os.path.join(out, name)), name

@@ -1,0 +1,114 @@
+"""The reproduction benchmark at toy scale: one DRAGON run per reward, each against the base model.
+
+    python benchmark.py config.yaml [section.key=value ...]
+
+For every target reward (and the paper's Fig. 2 ablation: DPO vs KTO, paired vs unpaired, on
+aesthetics) it fine-tunes the base model with train.py under out_dir/bench_<name>, evaluates the
+target reward on held-out prompts against the base model (same prompts, same noise; eval.py),
+and prints the table next to the paper's 81.45% average win rate, with the cost of a round.
+Writes out_dir/benchmark.md, benchmark.json and benchmark.png.
+"""
+import copy
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from data import TextEncoder, make_codec
+from eval import evaluate_models, plot_win_rates
+from model import load_model
+from pretrain import parse_args, pretrain, set_key, setup_distributed
+from train import train
+
+PAPER_AVERAGE_WIN_RATE = 0.8145
+TARGETS = {   # run name: (reward spec for eval.py, config overrides for train.py)
+    "aesthetics": ("aesthetics", {"reward.kind": "aesthetics"}),
+    "clap_score": ("clap_score", {"reward.kind": "clap_score"}),
+    "fad_song_latent": ("fad_per_song/latent/audio:alim",
+                        {"reward.kind": "fad_per_song", "reward.encoder": "latent", "reward.reference": "audio:alim"}),
+    "fad_song_clap": ("fad_per_song/clap/audio:alim",
+                      {"reward.kind": "fad_per_song", "reward.encoder": "clap", "reward.reference": "audio:alim"}),
+    "fad_song_text": ("fad_per_song/clap/text:alim",
+                      {"reward.kind": "fad_per_song", "reward.encoder": "clap", "reward.reference": "text:alim"}),
+    "fad_dataset": ("fad_dataset/clap/audio:alim", {"reward.kind": "fad_dataset", "reward.encoder": "clap",
+                                                    "reward.reference": "audio:alim", "dragon.sets": "greedy"}),
+    "vendi": ("vendi/clap", {"reward.kind": "vendi", "reward.encoder": "clap", "dragon.sets": "greedy"}),
+}
+ABLATIONS = {  # Fig. 2: loss x set construction on aesthetics (dpo + paired is the target run above)
+    "aesthetics_kto_paired": ("aesthetics", {"reward.kind": "aesthetics", "dragon.loss": "kto"}),
+    "aesthetics_dpo_unpaired": ("aesthetics", {"reward.kind": "aesthetics", "dragon.sets": "unpaired"}),
+    "aesthetics_kto_unpaired": ("aesthetics", {"reward.kind": "aesthetics", "dragon.loss": "kto",
+                                               "dragon.sets": "unpaired"}),
+}
+
+
+def run_config(cfg, name, overrides):
+    c = copy.deepcopy(cfg)
+    for key, value in {**overrides, "dragon.run_name": f"bench_{name}"}.items():
+        set_key(c, key, value, f"benchmark run {name}")
+    return c
+
+
+def round_costs(log_path, cfg):
+    """Median seconds per round in generate / score / update, and model forwards per second
+    during generation (demo_steps x 2B forwards for B demonstrations, batched CFG)."""
+    entries = [json.loads(line) for line in open(log_path)]
+    costs = {k: float(np.median([e[k] for e in entries])) for k in ("t_generate", "t_score", "t_update")}
+    dc = cfg["dragon"]
+    costs["forwards_per_s"] = dc["demo_steps"] * 2 * (2 * dc["prompts_per_round"]) / costs["t_generate"]
+    return costs
+
+
+def benchmark(cfg, runs=None):
+    _, _, device = setup_distributed(cfg)
+    if not os.path.isfile(os.path.join(cfg["out_dir"], "base.pt")):
+        pretrain(cfg)
+    runs = runs or {**TARGETS, **ABLATIONS}
+    codec = make_codec(cfg)
+    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    base = load_model(os.path.join(cfg["out_dir"], "base.pt"), map_location=device)[0].eval()
+    rows, t_start = [], time.time()
+    for i, (name, (spec, overrides)) in enumerate(runs.items()):
+        print(f"[{i + 1}/{len(runs)}] {name} ({time.time() - t_start:.0f}s so far)", flush=True)
+        c = run_config(cfg, name, overrides)
+        t0 = time.time()
+        ckpt = train(c)
+        t_train = time.time() - t0
+        c["eval"].update(rewards=[spec], prompt_sets=["heldout"])
+        with torch.no_grad():
+            row = evaluate_models(c, base, load_model(ckpt, map_location=device)[0].eval(), codec, text_encoder,
+                                  device)[0][0]
+        row.update(run=name, ablation=name in ABLATIONS, train_seconds=t_train,
+                   **round_costs(os.path.join(c["out_dir"], c["dragon"]["run_name"], "log.jsonl"), c))
+        rows.append(row)
+    report(cfg, rows, time.time() - t_start)
+    return rows
+
+
+def report(cfg, rows, seconds):
+    targets = [r for r in rows if not r["ablation"]]
+    average = float(np.mean([r["win_rate"] for r in targets])) if targets else float("nan")
+    lines = ["| run | reward | type | base | fine-tuned | win rate [95% CI] | s/round gen / score / update | "
+             "forwards/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['reward']} | {r['type']} | {r['base']:.4f} | {r['finetuned']:.4f} | "
+                     f"{r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] | "
+                     f"{r['t_generate']:.1f} / {r['t_score']:.1f} / {r['t_update']:.2f} | {r['forwards_per_s']:.0f} |")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    text = "\n".join(lines) + (f"\n\nAverage win rate over the {len(targets)} target rewards: {average:.2%} "
+                               f"(paper: {PAPER_AVERAGE_WIN_RATE:.2%} over 20 rewards). Wall time {seconds / 60:.1f} min, "
+                               f"peak memory {peak_gb:.1f} GB.\n")
+    print(text)
+    with open(os.path.join(cfg["out_dir"], "benchmark.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(cfg["out_dir"], "benchmark.json"), "w") as f:
+        json.dump({"rows": rows, "average_win_rate": average, "seconds": seconds}, f, indent=1)
+    plot_win_rates(rows, os.path.join(cfg["out_dir"], "benchmark.png"))
+
+
+if __name__ == "__main__":
+    benchmark(parse_args(sys.argv[1:]))
