@@ -120,7 +120,7 @@ def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets,
 
 
 def score(reward, latents, prompts):
-    """Per-example rewards [B] for instance-type rewards, or (set_reward(members), features) for set rewards."""
+    """Per-example rewards [B] for instance-type rewards; for set rewards the function r(members)."""
     features = reward.features(latents, prompts)
     if reward.is_set:
         return reward.set_scorer(features)
