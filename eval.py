@@ -127,8 +127,8 @@ def plot_win_rates(rows, path):
     plt.close(fig)
 
 
+@torch.no_grad()
 def main(cfg):
-    torch.set_grad_enabled(False)
     _, _, device = setup_distributed(cfg)
     ec = cfg["eval"]
     ckpt = ec["checkpoint"] or os.path.join(cfg["out_dir"], cfg["dragon"]["run_name"], "dragon.pt")
