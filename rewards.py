@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (EXEMPLAR_RESTRICT, MelCodec, caption_for, check_audio, folder_corpus, load_corpus, load_pretrained,
+from data import (EXEMPLAR_RESTRICT, caption_for, check_audio, folder_corpus, load_corpus, load_pretrained, make_codec,
                   read_prompts, resample)
 from model import load_checkpoint, save_atomic
 
@@ -278,19 +278,22 @@ def load_or_fit_clap(cfg, text_encoder, rank=0):
         return HFClapEncoder(cc["path"], cc["window_seconds"], cc["hop_seconds"])
     if cc["kind"] != "small":
         raise ValueError(f"clap.kind must be 'small' or 'hf', got {cc['kind']!r}")
-    mel = MelCodec(cfg["data"]["sample_rate"], cfg["codec"]["n_mels"], cfg["codec"]["n_fft"], cfg["codec"]["hop"],
-                   cfg["codec"]["f_min"], min(cfg["codec"]["f_max"], cfg["data"]["sample_rate"] / 2),
-                   cfg["codec"]["log_floor"], cfg["codec"]["log_mean"], cfg["codec"]["log_scale"], 0)
+    # its front end is the mel transform of the codec section (whatever codec the generator uses)
+    mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)))
     path = os.path.join(reward_dir(cfg), "clap.pt")
+    fitted_on = {"clap": {k: v for k, v in cc.items() if k not in ("kind", "path")}, "data": cfg["data"],
+                 "codec": cfg["codec"], "seed": cfg["seed"], "text_encoder": cfg["text_encoder"]}
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
-        model = SmallClap(**ckpt["config"])
-        model.load_state_dict(ckpt["model"])
-        return ClapEncoder(model.eval(), mel, text_encoder)
+        if ckpt.get("fitted_on") == fitted_on:          # refit when the config it was fitted with changed
+            model = SmallClap(**ckpt["config"])
+            model.load_state_dict(ckpt["model"])
+            return ClapEncoder(model.eval(), mel, text_encoder)
     t0 = time.time()
     model, report = fit_small_clap(cfg, mel, text_encoder, rank)
     if rank == 0:
-        save_atomic({"config": model.config, "model": model.state_dict(), "report": report}, path)
+        save_atomic({"config": model.config, "model": model.state_dict(), "report": report, "fitted_on": fitted_on},
+                    path)
         tqdm.write(f"offline CLAP fitted in {time.time() - t0:.0f}s: held-out retrieval top-1 {report['top1']:.1%} "
                    f"(chance {report['chance_top1']:.1%}), top-5 {report['top5']:.1%} (chance "
                    f"{report['chance_top5']:.1%}); saved to {path}")
@@ -460,7 +463,7 @@ class Reward:
         return self.set_scorer(features)(torch.arange(len(features)))
 
 
-def frame_features(cfg, codec, clap, encoder_name, reward_name):
+def frame_features(codec, clap, encoder_name, reward_name):
     """The per-clip frame embeddings [B, frames, d] of the chosen encoder, from latents."""
     if encoder_name == "latent":
         def features(latents, prompts=None):
@@ -536,20 +539,21 @@ def build_reward(cfg, codec, text_encoder, rank=0):
         f",{rc['reference']}]" if kind != "vendi" else "]")
 
     if kind == "aesthetics":                                  # instance: r(x)
-        windows = frame_features(cfg, codec, clap, "clap", name)
-        identity = {"clap": clap.identity, "codec": LatentIdentity(cfg).identity}
+        windows = frame_features(codec, clap, "clap", name)
+        identity = {"clap": clap.identity, "codec": LatentIdentity(cfg).identity, "aesthetics": cfg["aesthetics"],
+                    "data": cfg["data"], "seed": cfg["seed"]}
         head = load_or_fit_aesthetics(cfg, identity, lambda audio: F.normalize(
             windows(codec.encode(audio)).mean(1), dim=-1), rank)
         return Reward(name, REWARD_TYPES[kind], windows,
                       score=lambda f, prompts=None: predict_aesthetics(head, F.normalize(f.mean(1), dim=-1)).float())
     if kind == "clap_score":                                  # instance-to-instance: r(x, c)
-        windows = frame_features(cfg, codec, clap, "clap", name)
+        windows = frame_features(codec, clap, "clap", name)
 
         def clap_score(f, prompts):
             return (F.normalize(f.mean(1), dim=-1) * clap.text_embedding(prompts)).sum(-1)
         return Reward(name, REWARD_TYPES[kind], windows, score=clap_score)
 
-    frames = frame_features(cfg, codec, clap, rc["encoder"], name)
+    frames = frame_features(codec, clap, rc["encoder"], name)
     if kind == "vendi":                                       # distribution, reference-free: r(S)
         return Reward(name, "distribution", lambda z, p=None: F.normalize(frames(z).mean(1), dim=-1),
                       set_scorer=lambda emb: lambda members: vendi_score(emb[members]))

@@ -205,3 +205,17 @@ def test_reward_bad_input(world):
     open(empty, "w").write("# nothing\n")
     with pytest.raises(ValueError, match="empty.txt has no entries"):
         reward_for(world, kind="fad_per_song", encoder="clap", reference=f"text:{empty}")
+
+
+def test_fitted_reward_models_are_reused_and_refitted_when_their_config_changes(world, monkeypatch):
+    import rewards
+    cfg, _, text_encoder, clap, _, _ = world
+    fits = []
+    real = rewards.fit_small_clap
+    monkeypatch.setattr(rewards, "fit_small_clap", lambda *a, **k: fits.append(1) or real(*a, **k))
+    again = load_or_fit_clap(cfg, text_encoder)
+    assert fits == [] and again.identity == clap.identity                 # loaded from disk
+    changed = copy.deepcopy(cfg)
+    changed["clap"]["steps"] = 5
+    load_or_fit_clap(changed, text_encoder)
+    assert fits == [1]
