@@ -219,3 +219,37 @@ def test_fitted_reward_models_are_reused_and_refitted_when_their_config_changes(
     changed["clap"]["steps"] = 5
     load_or_fit_clap(changed, text_encoder)
     assert fits == [1]
+
+
+def tiny_hf_clap(folder):
+    """A tiny random transformers ClapModel with its feature extractor and a tokenizer, saved locally."""
+    from transformers import AutoTokenizer, ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig
+    from data import minilm_path
+    text = ClapTextConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=64)
+    audio = ClapAudioConfig(hidden_size=32, patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2],
+                            window_size=8, spec_size=128, num_mel_bins=64, enable_fusion=False,
+                            projection_hidden_size=32)
+    torch.manual_seed(0)
+    ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=16)).save_pretrained(folder)
+    ClapFeatureExtractor(feature_size=64, sampling_rate=8000, max_length_s=2, hop_length=160, fft_window_size=400,
+                         frequency_max=4000).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+
+
+def test_transformers_clap_backend_from_a_local_folder(world, tmp_path):
+    cfg, codec, text_encoder, _, latents, prompts = world
+    tiny_hf_clap(tmp_path / "clap")
+    c = copy.deepcopy(cfg)
+    c["clap"].update(kind="hf", path=str(tmp_path / "clap"), window_seconds=0.5, hop_seconds=0.25)
+    c["reward"].update(kind="clap_score")
+    reward = build_reward(c, codec, text_encoder)
+    f = reward.features(latents, prompts)                    # 1 s clips resampled to 8 kHz: 3 windows
+    assert f.shape == (8, 3, 16)
+    torch.testing.assert_close(f.norm(dim=-1), torch.ones(8, 3))
+    torch.testing.assert_close(reward.features(latents, prompts), f)      # deterministic windows
+    s = reward.score(f, prompts)
+    assert s.shape == (8,) and (s.abs() <= 1 + 1e-6).all()
+    c["clap"]["path"] = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="clap.path="):
+        build_reward(c, codec, text_encoder)
