@@ -67,6 +67,7 @@ def _ddp_worker(rank, world, init_file, out_file):
     state, _ = run_updates(rank, world)
     if rank == 0:
         torch.save(state, out_file)
+    dist.barrier()                       # both ranks done before gloo is torn down
     dist.destroy_process_group()
 
 
