@@ -81,21 +81,19 @@ def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets,
     dc, C_T = cfg["dragon"], latents.shape[1:]
     if dc["loss"] == "dpo":
         sets = pair_up(sets, g)
-        K = len(sets.pos)
-        sigma = sample_sigma(K, cfg["pretrain"]["P_mean"], cfg["pretrain"]["P_std"], g)   # one sigma per pair
-        noise = torch.randn((K, *C_T), generator=g)                                         # one noise per pair
-        keep = drop_condition(torch.ones(K, 1, dtype=torch.bool), dc["cond_dropout"], g)[:, 0]
-        s = rank_shard(K, rank, world)
+        K = len(sets.pos)                                              # one sigma / noise per pair
+    else:
+        idx_all = torch.cat([sets.pos, sets.neg])
+        labels_all = torch.arange(len(idx_all)) < len(sets.pos)
+        K = len(idx_all)                                               # one sigma / noise per example
+    sigma = sample_sigma(K, cfg["pretrain"]["P_mean"], cfg["pretrain"]["P_std"], g)
+    noise = torch.randn((K, *C_T), generator=g)
+    keep = drop_condition(torch.ones(K, 1, dtype=torch.bool), dc["cond_dropout"], g)[:, 0]
+    s = rank_shard(K, rank, world)
+    if dc["loss"] == "dpo":
         idx = torch.cat([sets.pos[s], sets.neg[s]])
         sig, nz, kp = sigma[s].repeat(2), noise[s].repeat(2, 1, 1), keep[s].repeat(2)
     else:
-        idx_all = torch.cat([sets.pos, sets.neg])
-        labels_all = torch.cat([torch.ones(len(sets.pos), dtype=torch.bool), torch.zeros(len(sets.neg), dtype=torch.bool)])
-        K = len(idx_all)
-        sigma = sample_sigma(K, cfg["pretrain"]["P_mean"], cfg["pretrain"]["P_std"], g)
-        noise = torch.randn((K, *C_T), generator=g)
-        keep = drop_condition(torch.ones(K, 1, dtype=torch.bool), dc["cond_dropout"], g)[:, 0]
-        s = rank_shard(K, rank, world)
         idx, labels, sig, nz, kp = idx_all[s], labels_all[s], sigma[s], noise[s], keep[s]
     x0 = latents[idx].to(device)
     c, m = text[idx].to(device), (mask[idx] & kp[:, None]).to(device)   # 10% condition dropout
