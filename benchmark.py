@@ -3,10 +3,11 @@
     python benchmark.py config.yaml [section.key=value ...]
 
 For every target reward (and the paper's Fig. 2 ablation: DPO vs KTO, paired vs unpaired, on
-aesthetics) it fine-tunes the base model with train.py under out_dir/bench_<name>, evaluates the
-target reward on held-out prompts against the base model (same prompts, same noise; eval.py),
-and prints the table next to the paper's 81.45% average win rate, with the cost of a round.
-Writes out_dir/benchmark.md, benchmark.json and benchmark.png.
+aesthetics) it fine-tunes the base model with train.py for benchmark.rounds rounds under
+out_dir/bench_<name>, then evaluates every fine-tuned model on every reward on held-out prompts
+against the base model (same prompts, same noise; eval.py). It prints the target-reward table
+next to the paper's 81.45% average win rate, with the cost of a round, and the cross-reward
+matrix. Writes out_dir/benchmark.md, benchmark.json, benchmark.png and benchmark_radar.png.
 """
 import copy
 import json
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from data import TextEncoder, make_codec
-from eval import evaluate_models, plot_win_rates
+from eval import evaluate_models, plot_radar, plot_win_rates
 from model import load_model
 from pretrain import parse_args, pretrain, set_key, setup_distributed
 from train import train
@@ -48,7 +49,9 @@ ABLATIONS = {  # Fig. 2: loss x set construction on aesthetics (dpo + paired is 
 
 def run_config(cfg, name, overrides):
     c = copy.deepcopy(cfg)
-    for key, value in {**overrides, "dragon.run_name": f"bench_{name}"}.items():
+    rounds = cfg["benchmark"]["rounds"]          # one held-out evaluation at the end of each run
+    fixed = {"dragon.rounds": rounds, "dragon.eval_every": rounds, "dragon.run_name": f"bench_{name}"}
+    for key, value in {**overrides, **fixed}.items():
         set_key(c, key, value, f"benchmark run {name}")
     return c
 
@@ -64,32 +67,42 @@ def round_costs(log_path, cfg):
 
 
 def benchmark(cfg, runs=None):
+    """Fine-tune one model per run (benchmark.rounds DRAGON rounds each), then evaluate every model
+    on every reward on held-out prompts: the target column gives the table, the whole matrix the
+    radar chart. A finished run is resumed as finished, so an interrupted benchmark continues."""
     _, _, device = setup_distributed(cfg)
     if not os.path.isfile(os.path.join(cfg["out_dir"], "base.pt")):
         pretrain(cfg)
     runs = runs or {**TARGETS, **ABLATIONS}
-    codec = make_codec(cfg)
-    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
-    base = load_model(os.path.join(cfg["out_dir"], "base.pt"), map_location=device)[0].eval()
-    rows, t_start = [], time.time()
+    t_start, checkpoints, costs = time.time(), {}, {}
     for i, (name, (spec, overrides)) in enumerate(runs.items()):
         print(f"[{i + 1}/{len(runs)}] {name} ({time.time() - t_start:.0f}s so far)", flush=True)
         c = run_config(cfg, name, overrides)
         t0 = time.time()
-        ckpt = train(c)
-        t_train = time.time() - t0
-        c["eval"].update(rewards=[spec], prompt_sets=["heldout"])
-        with torch.no_grad():
-            row = evaluate_models(c, base, load_model(ckpt, map_location=device)[0].eval(), codec, text_encoder,
-                                  device)[0][0]
-        row.update(run=name, ablation=name in ABLATIONS, train_seconds=t_train,
-                   **round_costs(os.path.join(c["out_dir"], c["dragon"]["run_name"], "log.jsonl"), c))
-        rows.append(row)
-    report(cfg, rows, time.time() - t_start)
+        checkpoints[name] = train(c)
+        costs[name] = {"train_seconds": time.time() - t0,
+                       **round_costs(os.path.join(c["out_dir"], c["dragon"]["run_name"], "log.jsonl"), c)}
+    print(f"evaluating {len(runs)} fine-tuned models against the base model", flush=True)
+    c = copy.deepcopy(cfg)
+    specs = list(dict.fromkeys([*cfg["eval"]["rewards"], *(spec for spec, _ in runs.values())]))
+    c["eval"].update(rewards=specs, prompt_sets=["heldout"])
+    codec = make_codec(c)
+    text_encoder = TextEncoder(c["text_encoder"]["name"], c["text_encoder"]["max_tokens"])
+    base = load_model(os.path.join(c["out_dir"], "base.pt"), map_location=device)[0].eval()
+    models = {name: load_model(path, map_location=device)[0].eval() for name, path in checkpoints.items()}
+    with torch.no_grad():
+        matrix = evaluate_models(c, base, models, codec, text_encoder, device)[0]
+    rows = []
+    for name, (spec, _) in runs.items():
+        row = [r for r in matrix if r["model"] == name][specs.index(spec)]     # the run's own target reward
+        rows.append({**row, "run": name, "ablation": name in ABLATIONS, **costs[name]})
+    report(cfg, rows, [r for r in matrix if r["model"] not in ABLATIONS], time.time() - t_start)
     return rows
 
 
-def report(cfg, rows, seconds):
+def report(cfg, rows, matrix, seconds):
+    """benchmark.md / .json / .png: the target-reward table with round costs, then every target
+    run's win rate on every reward (how optimising one reward moves the others) and its radar."""
     targets = [r for r in rows if not r["ablation"]]
     average = float(np.mean([r["win_rate"] for r in targets])) if targets else float("nan")
     lines = ["| run | reward | type | base | fine-tuned | win rate [95% CI] | s/round gen / score / update | "
@@ -98,6 +111,12 @@ def report(cfg, rows, seconds):
         lines.append(f"| {r['run']} | {r['reward']} | {r['type']} | {r['base']:.4f} | {r['finetuned']:.4f} | "
                      f"{r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] | "
                      f"{r['t_generate']:.1f} / {r['t_score']:.1f} / {r['t_update']:.2f} | {r['forwards_per_s']:.0f} |")
+    rewards = list(dict.fromkeys(r["reward"] for r in matrix))
+    lines += ["", "Win rate against the base model of each target run (rows) on every reward (columns):", "",
+              "| trained on | " + " | ".join(rewards) + " |", "| --- |" + " --- |" * len(rewards)]
+    for model in dict.fromkeys(r["model"] for r in matrix):
+        rate = {r["reward"]: r["win_rate"] for r in matrix if r["model"] == model}
+        lines.append(f"| {model} | " + " | ".join(f"{rate[k]:.0%}" for k in rewards) + " |")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     text = "\n".join(lines) + (f"\n\nAverage win rate over the {len(targets)} target rewards: {average:.2%} "
                                f"(paper: {PAPER_AVERAGE_WIN_RATE:.2%} over 20 rewards). Wall time {seconds / 60:.1f} min, "
@@ -106,8 +125,9 @@ def report(cfg, rows, seconds):
     with open(os.path.join(cfg["out_dir"], "benchmark.md"), "w") as f:
         f.write(text)
     with open(os.path.join(cfg["out_dir"], "benchmark.json"), "w") as f:
-        json.dump({"rows": rows, "average_win_rate": average, "seconds": seconds}, f, indent=1)
+        json.dump({"rows": rows, "matrix": matrix, "average_win_rate": average, "seconds": seconds}, f, indent=1)
     plot_win_rates(rows, os.path.join(cfg["out_dir"], "benchmark.png"))
+    plot_radar(matrix, os.path.join(cfg["out_dir"], "benchmark_radar.png"))
 
 
 if __name__ == "__main__":

@@ -442,7 +442,7 @@ class MelCodec:
 
     def encode(self, audio):
         """audio [B, samples] -> z [B, n_mels, samples // hop]."""
-        check_audio(audio, "codec.encode")
+        check_finite(audio, "codec.encode")
         mag = self.stft(audio.float()).abs()[..., : self.latent_length(audio.shape[-1])]
         mel = self.fb.to(audio.device) @ mag
         return ((mel + self.log_floor).log() - self.log_mean) / self.log_scale
@@ -497,7 +497,7 @@ class EncodecCodec:
 
     @torch.no_grad()
     def encode(self, audio):
-        check_audio(audio, "codec.encode")
+        check_finite(audio, "codec.encode")
         return self.model.encoder(audio[:, None].float()) * self.latent_scale
 
     @torch.no_grad()
@@ -519,11 +519,12 @@ def make_codec(cfg):
     raise ValueError(f"codec.kind must be 'mel' or 'encodec', got {c['kind']!r}")
 
 
-def check_audio(audio, where):
-    """Reject NaN/inf audio with a message that names the caller and the offending clips."""
-    bad = ~torch.isfinite(audio).reshape(audio.shape[0], -1).all(dim=1)
+def check_finite(x, where, items="clips", error=ValueError):
+    """Reject NaN/inf values with a message that names the caller and the offending items (dim 0)."""
+    x = torch.as_tensor(x)
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     if bad.any():
-        raise ValueError(f"{where}: clips {bad.nonzero().flatten().tolist()} contain NaN or infinite samples")
+        raise error(f"{where}: {items} {bad.nonzero().flatten().tolist()} contain NaN or infinite values")
 
 
 # =============================================================================================

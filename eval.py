@@ -7,7 +7,7 @@ the prompt's index), on each evaluation prompt set (held-out captions, user prom
 full inference sampler. For every reward in `eval.rewards`: the value for both models and the
 fine-tuned model's win rate with a 95% bootstrap interval (per prompt for instance-type rewards,
 ties count 1/2; over random prompt subsets for set rewards). Writes eval.md, eval.json,
-win_rates.png and base-vs-fine-tuned WAV pairs next to the checkpoint.
+win_rates.png, radar.png and base-vs-fine-tuned WAV pairs next to the checkpoint.
 
 Also the paper's human-study statistics for vote counts: human_study_stats(wins, n).
 """
@@ -48,19 +48,23 @@ def win_rate(rewards_finetuned, rewards_base, n_boot=2000, seed=0):
     return float(wins.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
-def set_win_rate(set_reward_ft, set_reward_base, n, n_boot=400, seed=0):
-    """Set rewards: draw random halves of the prompts; the fine-tuned model wins a draw when its
-    set reward on those prompts beats the base model's on the same prompts (ties 1/2). Returns the
-    win rate over draws and a 95% interval from bootstrapping the draws."""
+def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=200, halves_per_boot=25, seed=0):
+    """Set rewards score a whole set, not a prompt. The fine-tuned model wins a subset of prompts
+    when its set reward on them beats the base model's on the same prompts (ties 1/2); the win rate
+    is over random halves of the n prompts. The 95% interval bootstraps the prompts themselves
+    (n drawn with replacement, then halves of that resample), so it covers which prompts were
+    evaluated, not only which halves were drawn. Returns (rate, ci_low, ci_high)."""
     rng = np.random.default_rng(seed)
-    wins = []
-    for _ in range(n_boot):
-        members = torch.from_numpy(rng.choice(n, size=n // 2, replace=False))
-        a, b = set_reward_ft(members), set_reward_base(members)
-        wins.append(1.0 if a > b else 0.5 if a == b else 0.0)
-    wins = np.array(wins)
-    boot = rng.choice(wins, size=(1000, len(wins))).mean(axis=1)
-    return float(wins.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+    def rate(prompts, draws):
+        wins = []
+        for _ in range(draws):
+            members = torch.from_numpy(rng.choice(prompts, size=n // 2, replace=False))
+            a, b = set_reward_ft(members), set_reward_base(members)
+            wins.append(1.0 if a > b else 0.5 if a == b else 0.0)
+        return float(np.mean(wins))
+    boot = [rate(rng.choice(n, size=n), halves_per_boot) for _ in range(n_boot)]
+    return rate(np.arange(n), n_halves), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 def parse_reward(spec):
@@ -71,34 +75,42 @@ def parse_reward(spec):
 
 
 def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
-    """Rows of the metric table: one per (prompt set, reward)."""
+    """Rows of the metric table, one per (prompt set, reward, fine-tuned model); `finetuned` maps a
+    name to a model. The base model's samples and features are computed once and shared."""
     ec = cfg["eval"]
     T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
     rows, latents = [], {}
     for set_name in ec["prompt_sets"]:
         prompts = prompt_set(cfg["data"], set_name)[: ec["n_prompts"]]
-        seeds = [20_000 + i for i in range(len(prompts))]                 # same noise for both models
+        seeds = [20_000 + i for i in range(len(prompts))]                 # same noise for every model
         latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device)
-                             for name, m in (("base", base), ("finetuned", finetuned))}
+                             for name, m in {"base": base, **finetuned}.items()}
         for spec in ec["rewards"]:
             c = copy.deepcopy(cfg)
             c["reward"].update(parse_reward(spec))
             reward = build_reward(c, codec, text_encoder)
             f_base = reward.features(latents[set_name]["base"], prompts)
-            f_ft = reward.features(latents[set_name]["finetuned"], prompts)
             if reward.is_set:
-                r_base, r_ft = reward.set_scorer(f_base), reward.set_scorer(f_ft)
-                every = torch.arange(len(prompts))
-                v_base, v_ft = r_base(every), r_ft(every)
-                rate, lo, hi = set_win_rate(r_ft, r_base, len(prompts))
+                r_base = reward.set_scorer(f_base)
+                v_base = r_base(torch.arange(len(prompts)))
             else:
-                s_base, s_ft = reward.score(f_base, prompts), reward.score(f_ft, prompts)
-                v_base, v_ft = s_base.mean().item(), s_ft.mean().item()
-                rate, lo, hi = win_rate(s_ft.numpy(), s_base.numpy())
-            rows.append({"prompts": set_name, "reward": reward.name, "type": reward.type, "base": v_base,
-                         "finetuned": v_ft, "win_rate": rate, "ci_low": lo, "ci_high": hi, "n": len(prompts)})
-            print(f"{set_name:8s} {reward.name:34s} base {v_base:9.4f}  fine-tuned {v_ft:9.4f}  "
-                  f"win {rate:6.1%} [{lo:.1%}, {hi:.1%}]", flush=True)
+                s_base = reward.score(f_base, prompts)
+                v_base = s_base.mean().item()
+            for name in finetuned:
+                f_ft = reward.features(latents[set_name][name], prompts)
+                if reward.is_set:
+                    r_ft = reward.set_scorer(f_ft)
+                    v_ft = r_ft(torch.arange(len(prompts)))
+                    rate, lo, hi = set_win_rate(r_ft, r_base, len(prompts))
+                else:
+                    s_ft = reward.score(f_ft, prompts)
+                    v_ft = s_ft.mean().item()
+                    rate, lo, hi = win_rate(s_ft.numpy(), s_base.numpy())
+                rows.append({"model": name, "prompts": set_name, "reward": reward.name, "type": reward.type,
+                             "base": v_base, "finetuned": v_ft, "win_rate": rate, "ci_low": lo, "ci_high": hi,
+                             "n": len(prompts)})
+                print(f"{name:14.14s} {set_name:8s} {reward.name:34s} base {v_base:9.4f}  fine-tuned {v_ft:9.4f}  "
+                      f"win {rate:6.1%} [{lo:.1%}, {hi:.1%}]", flush=True)
     return rows, latents
 
 
@@ -127,6 +139,34 @@ def plot_win_rates(rows, path):
     plt.close(fig)
 
 
+def plot_radar(rows, path):
+    """A Fig. 1-style radar: one axis per reward, one polygon per (model, prompt set) giving its win
+    rate against the base model; the base model itself is the 50% circle."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rewards = list(dict.fromkeys(r["reward"] for r in rows))
+    groups = list(dict.fromkeys((r["model"], r["prompts"]) for r in rows))
+    angles = np.linspace(0, 2 * np.pi, len(rewards), endpoint=False)
+    closed = np.append(angles, angles[0])
+    fig, ax = plt.subplots(figsize=(8, 6.5), subplot_kw={"polar": True})
+    ax.plot(closed, np.full(len(closed), 50.0), "k--", lw=1, label="base model (50%)")
+    several_sets = len({prompts for _, prompts in groups}) > 1
+    for model, prompts in groups:
+        rate = {r["reward"]: 100 * r["win_rate"] for r in rows if (r["model"], r["prompts"]) == (model, prompts)}
+        values = [rate.get(k, np.nan) for k in rewards]
+        ax.plot(closed, values + values[:1], lw=1.5, marker="o", ms=3,
+                label=f"{model} ({prompts})" if several_sets else model)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(rewards, fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_title("win rate against the base model (%), per evaluation reward", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 @torch.no_grad()
 def main(cfg):
     _, _, device = setup_distributed(cfg)
@@ -137,19 +177,20 @@ def main(cfg):
     finetuned = load_model(ckpt, map_location=device)[0].eval()
     codec = make_codec(cfg)
     text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
-    rows, latents = evaluate_models(cfg, base, finetuned, codec, text_encoder, device)
+    rows, latents = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder, device)
     table = markdown_table(rows)
     with open(os.path.join(out, "eval.md"), "w") as f:
         f.write(f"Fine-tuned {ckpt} against the base model\n\n{table}\n")
     with open(os.path.join(out, "eval.json"), "w") as f:
         json.dump(rows, f, indent=1)
     plot_win_rates(rows, os.path.join(out, "win_rates.png"))
+    plot_radar(rows, os.path.join(out, "radar.png"))
     first = ec["prompt_sets"][0]
-    for name in ("base", "finetuned"):
+    for name in latents[first]:
         for i, a in enumerate(codec.decode(latents[first][name][: ec["n_wav"]])):
             write_wav(os.path.join(out, "eval_samples", f"{i:02d}_{name}.wav"), a, cfg["data"]["sample_rate"])
     print(table)
-    print(f"wrote {out}/eval.md, eval.json, win_rates.png, eval_samples/")
+    print(f"wrote {out}/eval.md, eval.json, win_rates.png, radar.png, eval_samples/")
     return rows
 
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (EXEMPLAR_RESTRICT, caption_for, check_audio, folder_corpus, load_corpus, load_pretrained, make_codec,
+from data import (EXEMPLAR_RESTRICT, caption_for, check_finite, folder_corpus, load_corpus, load_pretrained, make_codec,
                   read_prompts, resample)
 from model import load_checkpoint, save_atomic
 
@@ -467,12 +467,12 @@ def frame_features(codec, clap, encoder_name, reward_name):
     """The per-clip frame embeddings [B, frames, d] of the chosen encoder, from latents."""
     if encoder_name == "latent":
         def features(latents, prompts=None):
-            check_finite(latents, reward_name)
+            check_finite(latents, f"reward {reward_name}", "examples")
             return latents.float().transpose(1, 2)           # one embedding per latent frame
         return features
     if encoder_name == "clap":
         def features(latents, prompts=None):
-            check_finite(latents, reward_name)
+            check_finite(latents, f"reward {reward_name}", "examples")
             audio = codec.decode(latents)
             check_audible(audio, reward_name)
             return clap.window_embeddings(resample_for(audio, codec.sample_rate, clap.sample_rate))
@@ -484,14 +484,8 @@ def resample_for(audio, sr_from, sr_to):
     return audio if sr_from == sr_to else torch.from_numpy(resample(audio.numpy(), sr_from, sr_to))
 
 
-def check_finite(x, name):
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
-    if bad.any():
-        raise ValueError(f"reward {name}: examples {bad.nonzero().flatten().tolist()} contain NaN or inf")
-
-
 def check_audible(audio, name):
-    check_audio(audio, f"reward {name}")
+    check_finite(audio, f"reward {name}")
     silent = audio.abs().amax(dim=1) < 1e-5
     if silent.any():
         raise ValueError(f"reward {name}: clips {silent.nonzero().flatten().tolist()} are silent")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import TextEncoder, load_corpus, make_codec, prompt_set, write_wav
+from data import TextEncoder, check_finite, load_corpus, make_codec, prompt_set, write_wav
 from dragon import build_sets, dpo_loss, kto_loss, pair_up, per_example_errors, rank_shard
 from model import drop_condition, load_checkpoint, load_model, sample_sigma, save_atomic, save_model
 from pretrain import autocast, generate_latents, log, parse_args, pretrain, setup_distributed
@@ -128,10 +128,8 @@ def score(reward, latents, prompts):
 
 
 def check_finite_rewards(r, name):
-    if not torch.isfinite(torch.as_tensor(r)).all():
-        raise FloatingPointError(f"reward {name} is NaN or infinite for examples "
-                                 f"{(~torch.isfinite(r)).nonzero().flatten().tolist()}; the last good "
-                                 f"checkpoint is kept")
+    """A NaN reward stops the run; the last resumable checkpoint (dragon_state.pt) is kept."""
+    check_finite(r, f"reward {name} (the last good checkpoint is kept)", "examples", FloatingPointError)
 
 
 @torch.no_grad()

@@ -49,7 +49,23 @@ def test_set_win_rate_for_a_clearly_better_set():
     rate, lo, hi = set_win_rate(lambda m: float(good[m].mean()), lambda m: float(bad[m].mean()), 40)
     assert rate == 1.0 and lo == 1.0
     rate, lo, hi = set_win_rate(lambda m: 1.0, lambda m: 1.0, 40)
-    assert rate == 0.5
+    assert (rate, lo, hi) == (0.5, 0.5, 0.5)
+
+
+def test_set_win_rate_interval_covers_prompt_sampling():
+    # Two models with the same distribution of per-prompt quality: the true win rate is 1/2. Each
+    # trial evaluates a fresh draw of 40 prompts; its interval must cover 1/2 in most trials (95%
+    # nominal). Resampling only halves of the same 40 prompts would cover it in few trials, since
+    # each draw's own win rate swings far from 1/2.
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(30):
+        ft, base = rng.normal(size=40), rng.normal(size=40)
+        rate, lo, hi = set_win_rate(lambda m: float(ft[m].mean()), lambda m: float(base[m].mean()), 40,
+                                    n_halves=50, n_boot=100, halves_per_boot=10, seed=trial)
+        assert lo <= rate <= hi
+        covered += lo <= 0.5 <= hi
+    assert covered >= 24
 
 
 def test_parse_reward():
@@ -69,5 +85,29 @@ def test_eval_main_writes_table_json_plot_and_wavs(tmp_path):
     assert [(r["prompts"], r["type"]) for r in rows] == [("heldout", "instance-to-distribution"), ("heldout", "distribution"),
                                                          ("user", "instance-to-distribution"), ("user", "distribution")]
     out = os.path.dirname(ckpt)
-    for name in ("eval.md", "eval.json", "win_rates.png", "eval_samples/00_base.wav", "eval_samples/01_finetuned.wav"):
+    for name in ("eval.md", "eval.json", "win_rates.png", "radar.png", "eval_samples/00_base.wav",
+                 "eval_samples/01_finetuned.wav"):
         assert os.path.isfile(os.path.join(out, name)), name
+
+
+def test_a_model_against_itself_ties_on_every_reward(tmp_path):
+    # Same prompts and same initial noise per prompt: the base model compared with itself makes
+    # identical samples, so every instance reward ties per prompt and every set reward ties per
+    # subset: win rate exactly 1/2, interval [1/2, 1/2], equal values.
+    from data import TextEncoder, make_codec
+    from eval import evaluate_models
+    from model import load_model
+    from pretrain import pretrain
+    from test_train import cfg_for
+    cfg = cfg_for(tmp_path, "eval.n_prompts=6", "eval.prompt_sets=[heldout]",
+                  "eval.rewards=[fad_per_song/latent/audio:sd, vendi/latent]")
+    pretrain(cfg)
+    base = load_model(os.path.join(tmp_path, "base.pt"))[0].eval()
+    codec, text_encoder = make_codec(cfg), TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    with torch.no_grad():
+        rows, latents = evaluate_models(cfg, base, {"itself": base, "again": base}, codec, text_encoder, torch.device("cpu"))
+    assert [(r["model"], r["type"]) for r in rows] == [("itself", "instance-to-distribution"), ("again", "instance-to-distribution"),
+                                                       ("itself", "distribution"), ("again", "distribution")]
+    for r in rows:
+        assert (r["win_rate"], r["ci_low"], r["ci_high"]) == (0.5, 0.5, 0.5) and r["finetuned"] == r["base"]
+    assert torch.equal(latents["heldout"]["base"], latents["heldout"]["itself"])
