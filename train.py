@@ -77,24 +77,23 @@ def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets,
     """Appendix F, loss -> backward -> clip -> Adam on this rank's share of D+ / D-.
 
     sigma, noise and condition dropout are drawn for the whole global batch from the round's
-    generator (pairs share them), then sliced, so any number of ranks gives the same update."""
+    generator (pairs share them, for DPO and KTO alike), then sliced, so any number of ranks gives
+    the same update."""
     dc, C_T = cfg["dragon"], latents.shape[1:]
     if dc["loss"] == "dpo":
-        sets = pair_up(sets, g)
-        K = len(sets.pos)                                              # one sigma / noise per pair
-    else:
-        idx_all = torch.cat([sets.pos, sets.neg])
-        labels_all = torch.arange(len(idx_all)) < len(sets.pos)
-        K = len(idx_all)                                               # one sigma / noise per example
+        sets = pair_up(sets, g)                                        # DPO needs pairs
+    K = len(sets.pos) if sets.paired else len(sets.pos) + len(sets.neg)   # one sigma / noise per pair or example
     sigma = sample_sigma(K, cfg["pretrain"]["P_mean"], cfg["pretrain"]["P_std"], g)
     noise = torch.randn((K, *C_T), generator=g)
     keep = drop_condition(torch.ones(K, 1, dtype=torch.bool), dc["cond_dropout"], g)[:, 0]
     s = rank_shard(K, rank, world)
-    if dc["loss"] == "dpo":
+    if sets.paired:                                                    # x+ and x- of a pair: same sigma, noise
         idx = torch.cat([sets.pos[s], sets.neg[s]])
+        labels = torch.arange(len(idx)) < len(idx) // 2
         sig, nz, kp = sigma[s].repeat(2), noise[s].repeat(2, 1, 1), keep[s].repeat(2)
     else:
-        idx, labels, sig, nz, kp = idx_all[s], labels_all[s], sigma[s], noise[s], keep[s]
+        idx, labels = torch.cat([sets.pos, sets.neg])[s], (torch.arange(K) < len(sets.pos))[s]
+        sig, nz, kp = sigma[s], noise[s], keep[s]
     x0 = latents[idx].to(device)
     c, m = text[idx].to(device), (mask[idx] & kp[:, None]).to(device)   # 10% condition dropout
     with autocast(device, dc["bf16"]):
@@ -105,8 +104,8 @@ def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets,
         loss, metrics = dpo_loss(e_theta[:n], e_ref[:n], e_theta[n:], e_ref[n:], dc["beta"], dc["kappa"],
                                  normalizer=K / world)
     else:                                                              # Eq. (8)
-        loss, metrics = kto_loss(e_theta, e_ref, labels.to(device), dc["beta"], dc["kto_w_pos"], dc["kto_w_neg"],
-                                 normalizer=K / world)
+        loss, metrics = kto_loss(e_theta, e_ref, labels.to(device), dc["kto_beta"], dc["kto_w_pos"],
+                                 dc["kto_w_neg"], normalizer=(2 * K if sets.paired else K) / world)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"DRAGON loss is {loss.item()}; the last good checkpoint is kept")
     opt.zero_grad(set_to_none=True)
@@ -160,7 +159,11 @@ def train(cfg):
         pretrain(cfg)
     codec = make_codec(cfg)
     text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    if rank != 0:
+        dist.barrier()          # rank 0 fits the reward models once and caches them in out_dir/rewards ...
     reward = build_reward(cfg, codec, text_encoder, rank)
+    if rank == 0 and world > 1:
+        dist.barrier()          # ... then the other ranks load them
     check_dragon_config(cfg, reward)
 
     ref_model = load_model(base_path, map_location=device)[0].eval().requires_grad_(False)   # f_ref: frozen

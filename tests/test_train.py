@@ -33,7 +33,7 @@ def base_dir(tmp_path_factory):
     return out
 
 
-UPDATE_CFG = {"dragon": {"loss": "dpo", "cond_dropout": 0.1, "bf16": False, "beta": 5000.0, "kappa": 0.5,
+UPDATE_CFG = {"dragon": {"loss": "dpo", "cond_dropout": 0.1, "bf16": False, "beta": 5000.0, "kto_beta": 250.0, "kappa": 0.5,
                          "kto_w_pos": 1.0, "kto_w_neg": 1.0, "grad_clip": 45.0},
               "pretrain": {"P_mean": 0.4, "P_std": 1.0}}
 
@@ -78,12 +78,64 @@ def test_f_ref_is_unchanged_and_f_theta_moves():
     assert any(not torch.equal(before[k], theta[k]) for k in before)
 
 
+@pytest.mark.parametrize("loss,paired", [("dpo", True), ("kto", True), ("kto", False)])
+def test_pair_members_share_sigma_and_noise(monkeypatch, loss, paired):
+    # Sets docstring: paired D+ / D- members share sigma and noise in the loss (DPO and KTO);
+    # unpaired KTO examples each draw their own.
+    import train as train_module
+    seen = {}
+
+    def spy(model, ref_model, x0, text, mask, sigma, noise):
+        seen.update(x0=x0, sigma=sigma, noise=noise)
+        return real(model, ref_model, x0, text, mask, sigma, noise)
+    real = train_module.per_example_errors
+    monkeypatch.setattr(train_module, "per_example_errors", spy)
+    ref = tiny_dit(seed=1).requires_grad_(False)
+    model = copy.deepcopy(ref).requires_grad_(True)
+    latents, text, mask, sets = update_inputs()
+    cfg = copy.deepcopy(UPDATE_CFG)
+    cfg["dragon"]["loss"] = loss
+    dragon_update(model, model, ref, torch.optim.Adam(model.parameters()), latents, text, mask,
+                  Sets(sets.pos, sets.neg, paired), cfg, torch.Generator().manual_seed(0), 0, 1, torch.device("cpu"))
+    assert torch.equal(seen["x0"], latents[torch.cat([sets.pos, sets.neg])])      # D+ first, then D-
+    sigma, noise = seen["sigma"], seen["noise"]
+    assert torch.equal(sigma[:5], sigma[5:]) == paired and torch.equal(noise[:5], noise[5:]) == paired
+    assert len(set(sigma[:5].tolist())) == 5
+
+
 def test_two_process_gloo_ddp_gives_the_same_update(tmp_path):
     single, _ = run_updates(0, 1)
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6)
+
+
+def _train_worker(rank, world, port, cfg):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(cfg)                           # what torchrun --nproc_per_node=2 train.py runs on each rank
+    dist.destroy_process_group()
+
+
+def test_two_process_train_equals_one_process(base_dir):
+    # torchrun splits generation and the update across ranks; the reward models are fitted by rank 0
+    # alone (the cache is removed first) and loaded by rank 1. The weights must match one process.
+    import shutil
+    import socket
+    train(cfg_for(base_dir, "dragon.rounds=2", "dragon.run_name=one"))
+    shutil.rmtree(base_dir / "rewards")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_worker, args=(2, port, cfg_for(base_dir, "dragon.rounds=2", "dragon.run_name=two")), nprocs=2,
+             join=True)
+    one = load_checkpoint(base_dir / "one" / "dragon_state.pt")["model"]
+    two = load_checkpoint(base_dir / "two" / "dragon_state.pt")["model"]
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    assert os.path.isfile(base_dir / "rewards" / "ref_audio_sd.pt")
 
 
 def test_interrupt_and_resume_equals_an_uninterrupted_run(base_dir):
