@@ -387,8 +387,20 @@ def load_corpus(data_cfg, split, n=None, restrict=None, p_defect=None):
 
 
 def prompt_set(data_cfg, name):
-    """Evaluation prompts: 'heldout' (captions of test clips, the ALIM-test analogue) or 'user'
-    (freely worded, the DMA analogue); from files when data.source=folder."""
+    """Prompts without audio: 'train' (the training captions, DRAGON's prompts), 'heldout' (captions
+    of test clips, the ALIM-test analogue) or 'user' (freely worded, the DMA analogue); from the
+    captions and prompt files when data.source=folder."""
+    if name == "train" and data_cfg["source"] == "folder":
+        path = data_cfg["train_captions"]
+        if not path:
+            raise ValueError("data.train_captions must name a captions file when data.source=folder")
+        rows = [line.split("\t") for line in read_lines(path, "captions")]
+        for lineno, cols in enumerate(rows, 1):
+            if len(cols) not in (2, 3) or not cols[1].strip():
+                raise ValueError(f"{path}:{lineno}: expected 'path<TAB>caption[<TAB>rating]' with a caption")
+        return [cols[1].strip() for cols in rows]                  # one prompt per line, audio not loaded
+    if name == "train":
+        return [clip_spec("train", i, data_cfg["seed"], data_cfg["p_defect"])[2] for i in range(data_cfg["n_train"])]
     if data_cfg["source"] == "folder":
         path = data_cfg[f"{name}_prompts"]
         if not path:
@@ -398,7 +410,7 @@ def prompt_set(data_cfg, name):
         return [clip_spec("test", i, data_cfg["seed"], data_cfg["p_defect"])[2] for i in range(data_cfg["n_test"])]
     if name == "user":
         return user_prompts(data_cfg["n_test"], data_cfg["seed"])[0]
-    raise ValueError(f"unknown prompt set {name!r}: expected 'heldout' or 'user'")
+    raise ValueError(f"unknown prompt set {name!r}: expected 'train', 'heldout' or 'user'")
 
 
 # =============================================================================================

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import TextEncoder, check_finite, load_corpus, make_codec, prompt_set, write_wav
+from data import TextEncoder, check_finite, make_codec, prompt_set, write_wav
 from dragon import build_sets, dpo_loss, kto_loss, pair_up, per_example_errors, rank_shard
 from model import drop_condition, load_checkpoint, load_model, sample_sigma, save_atomic, save_model
 from pretrain import autocast, generate_latents, log, parse_args, pretrain, setup_distributed
@@ -43,6 +43,9 @@ def check_dragon_config(cfg, reward):
                          f"use paired or unpaired")
     if not 0 <= dc["p_ref"] <= 1:
         raise ValueError(f"dragon.p_ref must be in [0, 1], got {dc['p_ref']}")
+    for key in ("beta", "kto_beta", "lr"):
+        if not dc[key] > 0:
+            raise ValueError(f"dragon.{key} must be positive, got {dc[key]}")
 
 
 def round_generator(seed, rnd, salt=0):
@@ -183,8 +186,7 @@ def train(cfg):
         os.remove(log_path)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    train_prompts = load_corpus(cfg["data"], "train").captions if cfg["data"]["source"] == "synthetic" \
-        else prompt_set(cfg["data"], "user")
+    train_prompts = prompt_set(cfg["data"], "train")
     eval_prompts = prompt_set(cfg["data"], "heldout")[: dc["n_eval"]]
     eval_seeds = [10_000 + i for i in range(len(eval_prompts))]
     T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))

@@ -116,6 +116,17 @@ def test_prompt_sets():
         assert all(a[k] == v for k, v in attributes_from_prompt(p).items())
     with pytest.raises(ValueError, match="unknown prompt set 'nope'"):
         prompt_set(cfg, "nope")
+    train = prompt_set(dict(cfg, n_train=12), "train")               # DRAGON's prompts, without audio
+    assert train == synthetic_corpus("train", 12, SR, 0.1, 0, p_defect=0.5).captions
+
+
+def test_folder_train_prompts_are_the_captions_column(tmp_path):
+    (tmp_path / "caps.tsv").write_text("a.wav\tslow piano\t4\n# comment\nb.wav\t fast drums \n")
+    cfg = dict(source="folder", train_captions=str(tmp_path / "caps.tsv"))
+    assert prompt_set(cfg, "train") == ["slow piano", "fast drums"]   # the audio files need not be read
+    (tmp_path / "bad.tsv").write_text("a.wav\tok\nb.wav\n")
+    with pytest.raises(ValueError, match=r"bad.tsv:2: expected 'path<TAB>caption"):
+        prompt_set(dict(cfg, train_captions=str(tmp_path / "bad.tsv")), "train")
 
 
 # ---- codec ------------------------------------------------------------------------------------

@@ -167,6 +167,8 @@ def test_config_errors_name_the_key(base_dir):
         train(cfg_for(base_dir, "reward.kind=vendi"))
     with pytest.raises(ValueError, match="dragon.sets='greedy' is for set rewards"):
         train(cfg_for(base_dir, "dragon.sets=greedy"))
+    with pytest.raises(ValueError, match="dragon.kto_beta must be positive, got 0.0"):
+        train(cfg_for(base_dir, "dragon.kto_beta=0"))
 
 
 def test_nan_reward_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch):
