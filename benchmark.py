@@ -117,10 +117,12 @@ def report(cfg, rows, matrix, seconds):
     for model in dict.fromkeys(r["model"] for r in matrix):
         rate = {r["reward"]: r["win_rate"] for r in matrix if r["model"] == model}
         lines.append(f"| {model} | " + " | ".join(f"{rate[k]:.0%}" for k in rewards) + " |")
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GB (process)"
+    if torch.cuda.is_available():
+        peak += f", {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB (GPU)"
     text = "\n".join(lines) + (f"\n\nAverage win rate over the {len(targets)} target rewards: {average:.2%} "
                                f"(paper: {PAPER_AVERAGE_WIN_RATE:.2%} over 20 rewards). Wall time {seconds / 60:.1f} min, "
-                               f"peak memory {peak_gb:.1f} GB.\n")
+                               f"{peak}.\n")
     print(text)
     with open(os.path.join(cfg["out_dir"], "benchmark.md"), "w") as f:
         f.write(text)

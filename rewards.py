@@ -146,7 +146,9 @@ def fit_small_clap(cfg, mel_codec, text_encoder, rank=0):
     variants = [[describe(i) for i in range(len(corpus))] for _ in range(cc["caption_variants"])]
     states = [text_encoder(v) for v in variants]
 
-    model = SmallClap(mel.shape[1], text_encoder.dim, cc["dim"], cc["width"], cc["window_frames"], cc["hop_frames"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])            # the same initial weights whatever ran before in this process
+        model = SmallClap(mel.shape[1], text_encoder.dim, cc["dim"], cc["width"], cc["window_frames"], cc["hop_frames"])
     opt = torch.optim.Adam(model.parameters(), lr=cc["lr"])
     bar = tqdm(range(cc["steps"]), desc="fit CLAP", disable=rank != 0, dynamic_ncols=True)
     with torch.enable_grad():

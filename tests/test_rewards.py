@@ -221,6 +221,21 @@ def test_fitted_reward_models_are_reused_and_refitted_when_their_config_changes(
     assert fits == [1]
 
 
+def test_offline_clap_fit_does_not_depend_on_the_global_rng(world):
+    # a benchmark fits CLAP after pre-training, train.py before anything: same config, same weights
+    from rewards import fit_small_clap
+    cfg, codec, text_encoder, _, _, _ = world
+    cfg = copy.deepcopy(cfg)
+    cfg["clap"]["steps"] = 3
+    mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)))
+    fits = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        fits.append(fit_small_clap(cfg, mel, text_encoder)[0].state_dict())
+    for k in fits[0]:
+        assert torch.equal(fits[0][k], fits[1][k]), k
+
+
 def tiny_hf_clap(folder):
     """A tiny random transformers ClapModel with its feature extractor and a tokenizer, saved locally."""
     from transformers import AutoTokenizer, ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig
