@@ -96,13 +96,13 @@ def benchmark(cfg, runs=None):
     for name, (spec, _) in runs.items():
         row = [r for r in matrix if r["model"] == name][specs.index(spec)]     # the run's own target reward
         rows.append({**row, "run": name, "ablation": name in ABLATIONS, **costs[name]})
-    report(cfg, rows, [r for r in matrix if r["model"] not in ABLATIONS], time.time() - t_start)
+    report(cfg, rows, matrix, time.time() - t_start)
     return rows
 
 
 def report(cfg, rows, matrix, seconds):
-    """benchmark.md / .json / .png: the target-reward table with round costs, then every target
-    run's win rate on every reward (how optimising one reward moves the others) and its radar."""
+    """benchmark.md / .json / .png: the target-reward table with round costs, then every run's win
+    rate on every reward (how optimising one reward moves the others); the radar draws the targets."""
     targets = [r for r in rows if not r["ablation"]]
     average = float(np.mean([r["win_rate"] for r in targets])) if targets else float("nan")
     lines = ["| run | reward | type | base | fine-tuned | win rate [95% CI] | s/round gen / score / update | "
@@ -112,7 +112,7 @@ def report(cfg, rows, matrix, seconds):
                      f"{r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] | "
                      f"{r['t_generate']:.1f} / {r['t_score']:.1f} / {r['t_update']:.2f} | {r['forwards_per_s']:.0f} |")
     rewards = list(dict.fromkeys(r["reward"] for r in matrix))
-    lines += ["", "Win rate against the base model of each target run (rows) on every reward (columns):", "",
+    lines += ["", "Win rate against the base model of each run (rows) on every reward (columns):", "",
               "| trained on | " + " | ".join(rewards) + " |", "| --- |" + " --- |" * len(rewards)]
     for model in dict.fromkeys(r["model"] for r in matrix):
         rate = {r["reward"]: r["win_rate"] for r in matrix if r["model"] == model}
@@ -129,7 +129,7 @@ def report(cfg, rows, matrix, seconds):
     with open(os.path.join(cfg["out_dir"], "benchmark.json"), "w") as f:
         json.dump({"rows": rows, "matrix": matrix, "average_win_rate": average, "seconds": seconds}, f, indent=1)
     plot_win_rates(rows, os.path.join(cfg["out_dir"], "benchmark.png"))
-    plot_radar(matrix, os.path.join(cfg["out_dir"], "benchmark_radar.png"))
+    plot_radar([r for r in matrix if r["model"] not in ABLATIONS], os.path.join(cfg["out_dir"], "benchmark_radar.png"))
 
 
 if __name__ == "__main__":

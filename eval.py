@@ -161,9 +161,8 @@ def plot_radar(rows, path):
     ax.set_xticklabels(rewards, fontsize=7)
     ax.set_ylim(0, 100)
     ax.set_title("win rate against the base model (%), per evaluation reward", fontsize=9)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
