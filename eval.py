@@ -6,7 +6,9 @@ Both models generate from the same prompts with the same initial noise per promp
 the prompt's index), on each evaluation prompt set (held-out captions, user prompts), with the
 full inference sampler. For every reward in `eval.rewards`: the value for both models and the
 fine-tuned model's win rate with a 95% bootstrap interval (per prompt for instance-type rewards,
-ties count 1/2; over random prompt subsets for set rewards). Writes eval.md, eval.json,
+ties count 1/2; over random prompt subsets for set rewards), and what a listener would notice in
+the same samples of both models (data.listen: loudness, clipping, hiss, dropouts, the prompt's
+pitch register), so that a reward gain bought by worse audio shows. Writes eval.md, eval.json,
 win_rates.png, radar.png and base-vs-fine-tuned WAV pairs next to the checkpoint.
 
 Also the paper's human-study statistics for vote counts: human_study_stats(wins, n).
@@ -20,9 +22,10 @@ import numpy as np
 import scipy.stats
 import torch
 
-from data import TextEncoder, make_codec, prompt_set, write_wav
+from data import TextEncoder, listen, listening_summary, make_codec, prompt_set, write_wav
 from model import load_model
-from pretrain import generate_latents, parse_args, setup_distributed
+from pretrain import parse_args, setup_distributed
+from sampler import generate_latents
 from rewards import build_reward
 
 
@@ -114,6 +117,26 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     return rows, latents
 
 
+def listening_rows(cfg, latents, codec):
+    """What a listener would notice (data.listen), per prompt set and model, from the same samples
+    the rewards scored: median RMS, share of samples at full scale, share of clips with hiss or
+    dropouts, and how often the measured pitch register matches the prompt's."""
+    rows = []
+    for set_name, by_model in latents.items():
+        prompts = prompt_set(cfg["data"], set_name)[: cfg["eval"]["n_prompts"]]
+        for name, z in by_model.items():
+            heard = listening_summary(listen(codec.decode(z), codec.sample_rate, prompts))
+            rows.append({"model": name, "prompts": set_name, **heard})
+    return rows
+
+
+def listening_table(rows):
+    keys = [k for k in rows[0] if k not in ("model", "prompts")]
+    lines = ["| prompts | model | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"]
+    lines += [f"| {r['prompts']} | {r['model']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(rows):
     lines = ["| prompts | reward | type | base | fine-tuned | win rate [95% CI] |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -177,11 +200,12 @@ def main(cfg):
     codec = make_codec(cfg)
     text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
     rows, latents = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder, device)
-    table = markdown_table(rows)
+    heard = listening_rows(cfg, latents, codec)
+    table = markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n" + listening_table(heard)
     with open(os.path.join(out, "eval.md"), "w") as f:
         f.write(f"Fine-tuned {ckpt} against the base model\n\n{table}\n")
     with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"rewards": rows, "listening": heard}, f, indent=1)
     plot_win_rates(rows, os.path.join(out, "win_rates.png"))
     plot_radar(rows, os.path.join(out, "radar.png"))
     first = ec["prompt_sets"][0]

@@ -1,6 +1,6 @@
 """The generator: an EDM-preconditioned diffusion transformer (DiT) over 1-D codec latents.
 
-Read next to PAPER.md, section "EDM". The network F sees a noisy latent sequence x [B, C, T],
+Read next to the EDM paper (Karras et al. 2022, Table 1), which DRAGON follows. The network F sees a noisy latent sequence x [B, C, T],
 the noise level through c_noise = 1/4 ln(sigma), and text as a sequence of frozen text-encoder
 token states with a padding mask. The denoiser of the paper is
 
@@ -50,7 +50,7 @@ class DiTConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# EDM preconditioning (PAPER.md "EDM")
+# EDM preconditioning (Karras et al. 2022, Table 1)
 # ---------------------------------------------------------------------------------------------
 
 def edm_scalings(sigma, sigma_data):
@@ -63,12 +63,12 @@ def edm_scalings(sigma, sigma_data):
 
 
 def edm_weight(sigma, sigma_data):
-    """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2 (PAPER.md "EDM")."""
+    """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2 (Karras et al. 2022, Table 1)."""
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
 def sample_sigma(n, P_mean, P_std, generator=None, device="cpu"):
-    """Training noise levels: ln sigma ~ N(P_mean, P_std^2) (paper: 0.4, 1.0)."""
+    """Training noise levels: ln sigma ~ N(P_mean, P_std^2) (paper: -0.4, 1.0; EDM2's triple)."""
     return (P_mean + P_std * torch.randn(n, generator=generator, device=device)).exp()
 
 
@@ -90,7 +90,7 @@ def loss_per_example(model, x0, text, mask, sigma, noise):
     """e(x0) = lambda(sigma) mean((D - x0)^2) = mean((F - F*)^2), one value per example [B].
 
     F* = (x0 - c_skip (x0 + sigma n)) / c_out is the network output that would make D exact.
-    The mean (not sum) over elements is our choice (DESIGN.md section 5); DRAGON's A_theta (Eq. 7)
+    The mean (not sum) over elements is our choice (the paper does not say); DRAGON's A_theta (Eq. 7)
     and its DPO/KTO losses (Eqs. 6, 8) consume this vector with the caller's sigma and noise.
     """
     s = _per_example_sigma(sigma, x0)
@@ -200,7 +200,7 @@ class DiT(nn.Module):
         tokens = x_in.to(dtype).reshape(B, C, T // p, p).permute(0, 2, 1, 3).reshape(B, T // p, C * p)
         h = self.patch_in(tokens)
         h = h + sinusoidal(torch.arange(T // p, device=h.device), h.shape[-1]).to(h.dtype)
-        # noise level: c_noise = 1/4 ln sigma -> sinusoidal -> MLP (PAPER.md "EDM")
+        # noise level: c_noise = 1/4 ln sigma -> sinusoidal -> MLP (EDM; the paper: adaptive layer norm)
         emb = self.noise_mlp(sinusoidal(c_noise, h.shape[-1]).to(h.dtype))
         text = self.text_in(text.to(dtype))
         key_mask = torch.cat([torch.ones(B, T // p, dtype=torch.bool, device=h.device), mask.bool()], dim=1)
@@ -212,6 +212,13 @@ class DiT(nn.Module):
         shift, scale = self.adaLN_out(F.silu(emb)).chunk(2, dim=1)
         out = self.patch_out(modulate(self.norm_out(h), shift, scale))
         return out.reshape(B, T // p, C, p).permute(0, 2, 1, 3).reshape(B, C, T)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """Exponential moving average of the weights: ema <- decay ema + (1 - decay) model."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - decay)
 
 
 def count_parameters(model):

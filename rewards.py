@@ -1,4 +1,4 @@
-"""Rewards: what DRAGON optimises. Read next to PAPER.md, "Rewards" and "Reward formulas".
+"""Rewards: what DRAGON optimises. Read next to the paper's reward types and exemplar rewards.
 
 Every reward is higher-is-better and has one of the paper's four types:
   instance                     r(x)      aesthetics predictor (audio only, the prompt unseen)
@@ -32,7 +32,7 @@ from data import (EXEMPLAR_RESTRICT, caption_for, check_finite, folder_corpus, l
 from model import load_checkpoint, save_atomic
 
 # =============================================================================================
-# Frechet distance and Vendi score (PAPER.md "Reward formulas")
+# Frechet distance (FAD, Kilgour et al. 2019) and Vendi score (Friedman & Dieng 2023)
 # =============================================================================================
 
 def _f64(x):
@@ -572,4 +572,4 @@ class LatentIdentity:
 
     def __init__(self, cfg):
         self.identity = {"kind": "latent", **{k: cfg["codec"][k] for k in sorted(cfg["codec"])},
-                         "sample_rate": cfg["data"]["sample_rate"]}
+                         "sample_rate": cfg["data"]["sample_rate"], "decode": "clipped at full scale"}

@@ -21,13 +21,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import TextEncoder, check_finite, make_codec, prompt_set, write_wav
-from dragon import build_sets, dpo_loss, kto_loss, pair_up, per_example_errors, rank_shard
+from data import TextEncoder, check_finite, listen, listening_summary, make_codec, prompt_set, write_wav
+from dragon import Sets, build_sets, dpo_loss, kto_loss, pair_up, per_example_errors, rank_shard
 from model import drop_condition, load_checkpoint, load_model, sample_sigma, save_atomic, save_model
-from pretrain import autocast, generate_latents, log, parse_args, pretrain, setup_distributed
+from pretrain import autocast, log, parse_args, pretrain, setup_distributed, use_bf16
+from sampler import generate_latents
 from rewards import build_reward
 
-CHOICES = {"loss": ("dpo", "kto"), "sets": ("paired", "unpaired", "greedy", "loo", "set_vs_set")}
+CHOICES = {"loss": ("dpo", "kto"), "sets": ("paired", "unpaired", "greedy", "loo", "set_vs_set"),
+           "lr_schedule": ("constant", "linear")}
 
 
 def check_dragon_config(cfg, reward):
@@ -46,6 +48,11 @@ def check_dragon_config(cfg, reward):
     for key in ("beta", "kto_beta", "lr"):
         if not dc[key] > 0:
             raise ValueError(f"dragon.{key} must be positive, got {dc[key]}")
+
+
+def lr_at(rnd, dc):
+    """The learning rate of round rnd: constant (paper), or falling linearly to 0 at the last round."""
+    return dc["lr"] * (1 - rnd / dc["rounds"] if dc["lr_schedule"] == "linear" else 1.0)
 
 
 def round_generator(seed, rnd, salt=0):
@@ -68,11 +75,11 @@ def gather(x, world):
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def generate_demos(generator_model, prompts, seeds, T, text_encoder, sampler_cfg, device, rank, world):
+def generate_demos(generator_model, prompts, seeds, T, text_encoder, sampler_cfg, device, rank, world, bf16=False):
     """Demonstrations for the global batch: each rank samples its shard, then all ranks gather."""
     shard = rank_shard(len(prompts), rank, world)
     mine = generate_latents(generator_model, prompts[shard], seeds[shard], T, text_encoder, sampler_cfg, device,
-                            batch=len(prompts))
+                            batch=len(prompts), bf16=bf16)
     return gather(mine.to(device), world).cpu()
 
 
@@ -85,8 +92,10 @@ def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets,
     dc, C_T = cfg["dragon"], latents.shape[1:]
     if dc["loss"] == "dpo":
         sets = pair_up(sets, g)                                        # DPO needs pairs
+    if dc["sigma_draws"] > 1:                                          # each pair / example at several sigma, noise
+        sets = Sets(sets.pos.repeat(dc["sigma_draws"]), sets.neg.repeat(dc["sigma_draws"]), sets.paired)
     K = len(sets.pos) if sets.paired else len(sets.pos) + len(sets.neg)   # one sigma / noise per pair or example
-    sigma = sample_sigma(K, cfg["pretrain"]["P_mean"], cfg["pretrain"]["P_std"], g)
+    sigma = sample_sigma(K, cfg["pretrain"]["P_mean"], cfg["pretrain"]["P_std"], g)   # the training log-normal
     noise = torch.randn((K, *C_T), generator=g)
     keep = drop_condition(torch.ones(K, 1, dtype=torch.bool), dc["cond_dropout"], g)[:, 0]
     s = rank_shard(K, rank, world)
@@ -99,7 +108,7 @@ def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets,
         sig, nz, kp = sigma[s], noise[s], keep[s]
     x0 = latents[idx].to(device)
     c, m = text[idx].to(device), (mask[idx] & kp[:, None]).to(device)   # 10% condition dropout
-    with autocast(device, dc["bf16"]):
+    with autocast(device, dc["loss_bf16"]):       # float32 by default: A_theta is a small difference of two errors
         e_theta, e_ref = per_example_errors(train_model, ref_model, x0, c, m, sig.to(device), nz.to(device))
     e_theta, e_ref = e_theta.float(), e_ref.float()
     if dc["loss"] == "dpo":                                            # Eq. (6)
@@ -135,12 +144,18 @@ def check_finite_rewards(r, name):
 
 
 @torch.no_grad()
-def evaluate(model, reward, prompts, seeds, T, text_encoder, cfg, device, rank, world):
-    """The reward of fresh samples on held-out prompts with fixed seeds and the full sampler:
-    per-prompt rewards (instance types) or the set value, and the latents."""
-    latents = generate_demos(model, prompts, seeds, T, text_encoder, cfg["sampler"], device, rank, world)
+def evaluate(model, reward, codec, prompts, seeds, T, text_encoder, cfg, device, rank, world, bf16):
+    """Fresh samples on held-out prompts with fixed seeds and the inference sampler: per-prompt
+    rewards (instance types) or the set value, the latents, and what a listener would notice
+    (data.listen: loudness, clipping, hiss, dropouts, the prompt's register)."""
+    latents = generate_demos(model, prompts, seeds, T, text_encoder, cfg["sampler"], device, rank, world, bf16)
     r = score(reward, latents, prompts)
-    return (r if not callable(r) else r(torch.arange(len(prompts)))), latents
+    listening = listening_summary(listen(codec.decode(latents), codec.sample_rate, prompts))
+    return (r if not callable(r) else r(torch.arange(len(prompts)))), latents, listening
+
+
+def fmt(listening):
+    return ", ".join(f"{k} {v:.3f}" for k, v in listening.items())
 
 
 def summary(values):
@@ -190,13 +205,17 @@ def train(cfg):
     eval_prompts = prompt_set(cfg["data"], "heldout")[: dc["n_eval"]]
     eval_seeds = [10_000 + i for i in range(len(eval_prompts))]
     T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
-    demo_sampler = dict(cfg["sampler"], steps=dc["demo_steps"])
+    demo_sampler = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])   # paper: the inference sampler
+    bf16 = use_bf16(dc, device)
     P = dc["prompts_per_round"]
     pairs = torch.stack([torch.arange(P), torch.arange(P) + P], dim=1)   # two seeds per prompt
 
-    base_eval = evaluate(ref_model, reward, eval_prompts, eval_seeds, T, text_encoder, cfg, device, rank, world)[0]
+    def held_out(generator_model):
+        return evaluate(generator_model, reward, codec, eval_prompts, eval_seeds, T, text_encoder, cfg, device,
+                        rank, world, bf16)
+    base_eval, base_latents, base_listening = held_out(ref_model)
     log(rank, f"DRAGON on {reward.name} ({reward.type}), {dc['loss'].upper()}, sets={dc['sets']}: "
-              f"base model held-out reward {summary(base_eval):.4f}")
+              f"base model held-out reward {summary(base_eval):.4f}; listening {fmt(base_listening)}")
 
     def save_state(rnd):
         if rank == 0:
@@ -208,6 +227,8 @@ def train(cfg):
     try:
         for rnd in range(start, dc["rounds"]):
             g = round_generator(cfg["seed"], rnd)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(rnd, dc)
             t0 = time.time()
             # F1: sample prompts
             prompts = [train_prompts[i] for i in torch.randint(len(train_prompts), (P,), generator=g).tolist()]
@@ -218,7 +239,7 @@ def train(cfg):
             # F3: generate demonstrations (no grad, batched CFG)
             model.eval()
             latents = generate_demos(ref_model if use_ref else model, demo_prompts, seeds, T, text_encoder,
-                                     demo_sampler, device, rank, world)
+                                     demo_sampler, device, rank, world, bf16)
             model.train()
             t1 = time.time()
             # F4-F5: decode / encode as the reward needs, and score
@@ -235,8 +256,9 @@ def train(cfg):
             t2 = time.time()
             # F7-F9: DPO / KTO loss -> backward -> clip grad norm (45) -> Adam
             text, mask = text_encoder(demo_prompts)
-            metrics = dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets, cfg, g,
-                                    rank, world, device)
+            for _ in range(dc["updates_per_round"]):                  # paper: 1; each a fresh sigma / noise draw
+                metrics = dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets, cfg, g,
+                                        rank, world, device)
             completed = rnd + 1
             t3 = time.time()
             # F10: log
@@ -244,13 +266,13 @@ def train(cfg):
                      "reward_pos": r_pos, "reward_neg": r_neg, "n_pos": len(sets.pos), "n_neg": len(sets.neg),
                      **metrics, "t_generate": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
             if (rnd + 1) % dc["eval_every"] == 0 or rnd + 1 == dc["rounds"]:
-                ft_eval, ft_latents = evaluate(model.eval(), reward, eval_prompts, eval_seeds, T, text_encoder, cfg,
-                                               device, rank, world)
+                ft_eval, ft_latents, listening = held_out(model.eval())
                 model.train()
                 entry["eval_reward"] = summary(ft_eval)
                 entry["eval_reward_base"] = summary(base_eval)
                 if torch.is_tensor(ft_eval):
                     entry["eval_win_rate"] = win_rate(ft_eval, base_eval)
+                entry["eval_listening"], entry["eval_listening_base"] = listening, base_listening
                 if rank == 0:
                     write_samples(codec, ft_latents[: dc["n_wav"]], cfg, run_dir, rnd + 1)
             if (rnd + 1) % dc["ckpt_every"] == 0 or rnd + 1 == dc["rounds"]:
@@ -272,6 +294,7 @@ def train(cfg):
         last = [json.loads(line) for line in open(log_path)][-1]
         log(rank, f"done: held-out {reward.name} {last['eval_reward_base']:.4f} (base) -> {last['eval_reward']:.4f}"
                   + (f", win rate {last['eval_win_rate']:.1%}" if "eval_win_rate" in last else "")
+                  + f"; listening {fmt(last['eval_listening'])} (base: {fmt(last['eval_listening_base'])})"
                   + f"; checkpoint {os.path.join(run_dir, 'dragon.pt')}")
     if world > 1:
         dist.barrier()
@@ -285,19 +308,26 @@ def write_samples(codec, latents, cfg, run_dir, rnd):
 
 
 def plot_log(log_path, png_path, name):
-    """Reward of the demonstrations per round and of held-out samples at each evaluation."""
+    """Left: the reward of the demonstrations per round and of held-out samples at each evaluation.
+    Right: the held-out win rate against the base model (same prompts, same noise)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     entries = [json.loads(line) for line in open(log_path)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([e["round"] for e in entries], [e["reward"] for e in entries], alpha=0.4, label="demonstrations")
     ev = [e for e in entries if "eval_reward" in e]
+    fig, (ax, ax_win) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax.plot([e["round"] for e in entries], [e["reward"] for e in entries], alpha=0.4, label="demonstrations")
     ax.plot([0] + [e["round"] for e in ev], [ev[0]["eval_reward_base"]] + [e["eval_reward"] for e in ev], "o-",
             label="held-out prompts")
     ax.set_xlabel("DRAGON round")
     ax.set_ylabel(name)
     ax.legend()
+    wins = [e for e in ev if "eval_win_rate" in e]
+    ax_win.plot([0] + [e["round"] for e in wins], [50] + [100 * e["eval_win_rate"] for e in wins], "o-", color="tab:green")
+    ax_win.axhline(50, color="gray", ls="--", lw=1)
+    ax_win.set_ylim(0, 100)
+    ax_win.set_xlabel("DRAGON round")
+    ax_win.set_ylabel("held-out win rate vs base (%)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -88,6 +89,11 @@ def test_eval_main_writes_table_json_plot_and_wavs(tmp_path):
     for name in ("eval.md", "eval.json", "win_rates.png", "radar.png", "eval_samples/00_base.wav",
                  "eval_samples/01_finetuned.wav"):
         assert os.path.isfile(os.path.join(out, name)), name
+    heard = json.load(open(os.path.join(out, "eval.json")))["listening"]
+    assert [(r["prompts"], r["model"]) for r in heard] == [("heldout", "base"), ("heldout", "finetuned"),
+                                                           ("user", "base"), ("user", "finetuned")]
+    assert all(0 <= r["full_scale"] <= 1 and not r["register_match"] > 1 for r in heard)
+    assert "What a listener would notice" in open(os.path.join(out, "eval.md")).read()
 
 
 def test_a_model_against_itself_ties_on_every_reward(tmp_path):
