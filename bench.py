@@ -78,13 +78,15 @@ def main(cfg, n=80):
         value = reward.set_score(features) if reward.is_set else reward.score(features, prompts).mean().item()
         print(f"| {reward.name} | {reward.type} | {t_setup:.1f} | {time.time() - t0:.2f} | {value:.4f} |", flush=True)
     sampler_variants(cfg, model, codec, text_encoder, prompts, T, device)
+    if cfg["data"]["source"] == "synthetic":
+        listener_validation(cfg, codec)
 
 
 def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
     """The base model's generations for the same prompts and noise under each sampler variant."""
     sr, n = cfg["data"]["sample_rate"], len(prompts)
     reward = build_reward(cfg, codec, text_encoder)
-    keys = ["median_rms", "full_scale", "hiss", "dropout", "register_match"]
+    keys = ["median_rms", "full_scale", "clipping", "hiss", "dropout", "register_match"]
     print(f"\n| sampler ({n} held-out prompts, same noise) | " + " | ".join(keys) + f" | {reward.name} | s |")
     print("| --- " * (len(keys) + 3) + "|")
     test = load_corpus(cfg["data"], "test", n=n)
@@ -105,3 +107,23 @@ def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     main(parse_args(sys.argv[1:]))
+
+
+def listener_validation(cfg, codec, n=200):
+    """How well data.listen reads the synthetic world's known defects and attributes back from the
+    audio, on test and validation clips as rendered and after the codec round trip: detection rate
+    (true positives) and false alarms per defect, accuracy of the register."""
+    clips = [load_corpus(cfg["data"], split, n=n) for split in ("test", "valid")]
+    audio = torch.cat([c.audio for c in clips])
+    defects = [d for c in clips for d in c.defects]
+    captions = [p for c in clips for p in c.captions]
+    print(f"\n| listener on {len(audio)} test + validation clips | hiss found / false alarms | dropout found / "
+          f"false alarms | clipping found / false alarms | register accuracy |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, a in (("as rendered", audio), ("codec round trip", codec.decode(codec.encode(audio)))):
+        heard = listen(a, cfg["data"]["sample_rate"], captions)
+        cells = []
+        for defect in ("hiss", "dropout", "clipping"):
+            has = torch.tensor([defect in d for d in defects])
+            cells.append(f"{heard[defect][has].mean():.2f} / {heard[defect][~has].mean():.2f} ({int(has.sum())} with it)")
+        print(f"| {name} | " + " | ".join(cells) + f" | {heard['register_match'].mean():.3f} |", flush=True)

