@@ -242,7 +242,8 @@ def check_base(cfg, model, codec, text_encoder, device):
     if not pc["n_check"]:
         return None
     synthetic = cfg["data"]["source"] == "synthetic"
-    real = load_corpus(cfg["data"], "test" if synthetic or cfg["data"]["test_captions"] else "train").audio[:n]
+    real = load_corpus(cfg["data"], "test" if synthetic or cfg["data"]["test_captions"] else "train").audio
+    real = real[torch.linspace(0, len(real) - 1, min(n, len(real))).long()]   # spread over the split's files
     round_trip = codec.decode(codec.encode(real))
     report = {name: {"clips": len(a), **listening_summary(listen(a, sr, p)), "rms_quartiles": rms_quartiles(a)}
               for name, a, p in (("generated", audio, prompts if synthetic else None),
