@@ -19,39 +19,37 @@ import time
 import numpy as np
 import torch
 
-from data import TextEncoder, make_codec
+from encoders import TextEncoder, make_codec
 from eval import evaluate_models, plot_radar, plot_win_rates
 from model import load_model
-from pretrain import parse_args, pretrain, set_key, setup_distributed
+from launch import parse_args, set_key, setup_distributed
+from pretrain import pretrain
+from rewards import parse_reward
 from train import train
 
 PAPER_AVERAGE_WIN_RATE = 0.8145
-TARGETS = {   # run name: (reward spec for eval.py, config overrides for train.py)
-    "aesthetics": ("aesthetics", {"reward.kind": "aesthetics"}),
-    "clap_score": ("clap_score", {"reward.kind": "clap_score"}),
-    "fad_song_latent": ("fad_per_song/latent/audio:alim",
-                        {"reward.kind": "fad_per_song", "reward.encoder": "latent", "reward.reference": "audio:alim"}),
-    "fad_song_clap": ("fad_per_song/clap/audio:alim",
-                      {"reward.kind": "fad_per_song", "reward.encoder": "clap", "reward.reference": "audio:alim"}),
-    "fad_song_text": ("fad_per_song/clap/text:alim",
-                      {"reward.kind": "fad_per_song", "reward.encoder": "clap", "reward.reference": "text:alim"}),
-    "fad_dataset": ("fad_dataset/clap/audio:alim", {"reward.kind": "fad_dataset", "reward.encoder": "clap",
-                                                    "reward.reference": "audio:alim", "dragon.sets": "greedy"}),
-    "vendi": ("vendi/clap", {"reward.kind": "vendi", "reward.encoder": "clap", "dragon.sets": "greedy"}),
+TARGETS = {   # run name: (the target reward's spec, as in eval.rewards; further train.py overrides)
+    "aesthetics": ("aesthetics", {}),
+    "clap_score": ("clap_score", {}),
+    "fad_song_latent": ("fad_per_song/latent/audio:alim", {}),
+    "fad_song_clap": ("fad_per_song/clap/audio:alim", {}),
+    "fad_song_text": ("fad_per_song/clap/text:alim", {}),
+    "fad_dataset": ("fad_dataset/clap/audio:alim", {"dragon.sets": "greedy"}),
+    "vendi": ("vendi/clap", {"dragon.sets": "greedy"}),
 }
 ABLATIONS = {  # Fig. 2: loss x set construction on aesthetics (dpo + paired is the target run above)
-    "aesthetics_kto_paired": ("aesthetics", {"reward.kind": "aesthetics", "dragon.loss": "kto"}),
-    "aesthetics_dpo_unpaired": ("aesthetics", {"reward.kind": "aesthetics", "dragon.sets": "unpaired"}),
-    "aesthetics_kto_unpaired": ("aesthetics", {"reward.kind": "aesthetics", "dragon.loss": "kto",
-                                               "dragon.sets": "unpaired"}),
+    "aesthetics_kto_paired": ("aesthetics", {"dragon.loss": "kto"}),
+    "aesthetics_dpo_unpaired": ("aesthetics", {"dragon.sets": "unpaired"}),
+    "aesthetics_kto_unpaired": ("aesthetics", {"dragon.loss": "kto", "dragon.sets": "unpaired"}),
 }
 
 
-def run_config(cfg, name, overrides):
+def run_config(cfg, name, spec, overrides):
     c = copy.deepcopy(cfg)
     rounds = cfg["benchmark"]["rounds"]          # one held-out evaluation at the end of each run
     fixed = {"dragon.rounds": rounds, "dragon.eval_every": rounds, "dragon.run_name": f"bench_{name}"}
-    for key, value in {**overrides, **fixed}.items():
+    target = {f"reward.{key}": value for key, value in parse_reward(spec).items()}
+    for key, value in {**target, **overrides, **fixed}.items():
         set_key(c, key, value, f"benchmark run {name}")
     return c
 
@@ -77,7 +75,7 @@ def benchmark(cfg, runs=None):
     t_start, checkpoints, costs = time.time(), {}, {}
     for i, (name, (spec, overrides)) in enumerate(runs.items()):
         print(f"[{i + 1}/{len(runs)}] {name} ({time.time() - t_start:.0f}s so far)", flush=True)
-        c = run_config(cfg, name, overrides)
+        c = run_config(cfg, name, spec, overrides)
         t0 = time.time()
         checkpoints[name] = train(c)
         costs[name] = {"train_seconds": time.time() - t0,

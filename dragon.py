@@ -5,15 +5,15 @@ set D+ and a negative set D-; the model is moved toward D+ and away from D- rela
 reference f_ref:
   Eq. (7)  A_theta(x) = e_theta(x) - e_ref(x)        per-example denoising error, same x0, sigma, n
   Eq. (6)  DPO on pairs:     L = -log sigmoid(-kappa beta (A_theta(x+) - A_theta(x-)))
-  Eq. (8)  KTO on labels:    z = stopgrad(max(0, mean(-A_theta)));  L = mean w_s (1 - sigmoid(s beta (-A_theta - z)))
+  Eq. (8)  KTO on labels:    z = stopgrad(max(0, mean(-A_theta)));  L = w_s (1 - sigmoid(s beta (-A_theta - z)))
 Lower error than the reference on x means higher likelihood of x, so both losses raise the
 likelihood of D+ and lower that of D-. At theta = ref the DPO loss is ln 2: not a bug.
+The losses are per pair / per example; train.py averages them over the global batch.
 """
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import loss_per_example
@@ -36,48 +36,26 @@ def A_theta(e_theta, e_ref):
     return e_theta - e_ref.detach()
 
 
-def dpo_loss(e_theta_pos, e_ref_pos, e_theta_neg, e_ref_neg, beta, kappa=0.5, normalizer=None):
-    """Eq. (6), Diffusion-DPO on pairs (x+, x-) that share sigma and noise; mean over pairs
-    (or sum / normalizer when the caller averages over a global batch split across ranks)."""
-    A_pos, A_neg = A_theta(e_theta_pos, e_ref_pos), A_theta(e_theta_neg, e_ref_neg)
+def dpo_loss(A_pos, A_neg, beta, kappa=0.5):
+    """Eq. (6), Diffusion-DPO, per pair (x+, x-) that share sigma and noise:
+    -log sigmoid(-kappa beta (A+ - A-)). Also returns the sigmoid's argument (|.| > 5: saturated)."""
     logits = -kappa * beta * (A_pos - A_neg)
-    per_pair = -F.logsigmoid(logits)
-    loss = per_pair.sum() / normalizer if normalizer else per_pair.mean()
-    metrics = {
-        "implicit_acc": ((A_pos < A_neg).float() + 0.5 * (A_pos == A_neg).float()).mean().item(),
-        "saturated": (logits.detach().abs() > 5).float().mean().item(),   # sigmoid flat: weight ~0 or ~1
-        "A_pos": A_pos.mean().item(), "A_neg": A_neg.mean().item(),
-        "e_theta_pos": e_theta_pos.mean().item(), "e_ref_pos": e_ref_pos.mean().item(),
-        "e_theta_neg": e_theta_neg.mean().item(), "e_ref_neg": e_ref_neg.mean().item(),
-    }
-    return loss, metrics
+    return -F.logsigmoid(logits), logits
 
 
-def kto_loss(e_theta, e_ref, is_positive, beta, w_pos=1.0, w_neg=1.0, normalizer=None):
-    """Eq. (8), Diffusion-KTO on unpaired labels. The reference point z is the batch mean of
-    -A_theta, clamped at 0 and detached; under DDP the mean is all-reduced over the global batch."""
-    A = A_theta(e_theta, e_ref)
-    total = torch.stack([(-A).detach().sum(), torch.tensor(float(len(A)), device=A.device)])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    z = (total[0] / total[1]).clamp(min=0)
+def kto_reference_point(A):
+    """Eq. (8)'s z = max(0, mean(-A_theta)) over the batch, detached (under DDP the caller takes the
+    mean over the global batch)."""
+    return (-A).detach().mean().clamp(min=0)
+
+
+def kto_loss(A, is_positive, beta, z, w_pos=1.0, w_neg=1.0):
+    """Eq. (8), Diffusion-KTO, per example: w (1 - sigmoid(s beta (-A_theta - z))), s = +1 on D+
+    and -1 on D-. Also returns the sigmoid's argument."""
     s = torch.where(is_positive, 1.0, -1.0).to(A.dtype)
     w = torch.where(is_positive, w_pos, w_neg).to(A.dtype)
     logits = s * beta * (-A - z)
-    per_example = w * (1 - torch.sigmoid(logits))
-    loss = per_example.sum() / normalizer if normalizer else per_example.mean()
-    pos, neg = is_positive, ~is_positive
-
-    def mean(x, m):
-        return x[m].mean().item() if m.any() else float("nan")
-    metrics = {
-        "implicit_acc": ((s * (-A - z)) > 0).float().mean().item(), "z": z.item(),
-        "saturated": (logits.detach().abs() > 5).float().mean().item(),
-        "A_pos": mean(A, pos), "A_neg": mean(A, neg),
-        "e_theta_pos": mean(e_theta, pos), "e_ref_pos": mean(e_ref, pos),
-        "e_theta_neg": mean(e_theta, neg), "e_ref_neg": mean(e_ref, neg),
-    }
-    return loss, metrics
+    return w * (1 - torch.sigmoid(logits)), logits
 
 
 # =============================================================================================

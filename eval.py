@@ -22,11 +22,13 @@ import numpy as np
 import scipy.stats
 import torch
 
-from data import TextEncoder, listen, listening_summary, make_codec, prompt_set, write_wav
+from data import prompt_set, write_wav
+from encoders import TextEncoder, make_codec
+from listen import listen, listening_summary
 from model import load_model
-from pretrain import parse_args, setup_distributed
+from launch import parse_args, setup_distributed
 from sampler import generate_latents
-from rewards import build_reward
+from rewards import build_reward, parse_reward
 
 
 def human_study_stats(wins, n):
@@ -70,13 +72,6 @@ def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=200, ha
     return rate(np.arange(n), n_halves), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
-def parse_reward(spec):
-    """'kind' or 'kind/encoder' or 'kind/encoder/reference' -> dict for config section reward."""
-    parts = spec.split("/")
-    keys = ["kind", "encoder", "reference"][: len(parts)]
-    return dict(zip(keys, parts))
-
-
 def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     """Rows of the metric table, one per (prompt set, reward, fine-tuned model); `finetuned` maps a
     name to a model. The base model's samples and features are computed once and shared."""
@@ -85,6 +80,9 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     rows, latents = [], {}
     for set_name in ec["prompt_sets"]:
         prompts = prompt_set(cfg["data"], set_name)[: ec["n_prompts"]]
+        if len(prompts) < ec["n_prompts"]:
+            print(f"eval.n_prompts={ec['n_prompts']} but prompt set {set_name!r} has {len(prompts)} prompts: "
+                  f"evaluating {len(prompts)}", flush=True)
         seeds = [20_000 + i for i in range(len(prompts))]                 # same noise for every model
         latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device)
                              for name, m in {"base": base, **finetuned}.items()}
@@ -92,23 +90,15 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
             c = copy.deepcopy(cfg)
             c["reward"].update(parse_reward(spec))
             reward = build_reward(c, codec, text_encoder)
-            f_base = reward.features(latents[set_name]["base"], prompts)
-            if reward.is_set:
-                r_base = reward.set_scorer(f_base)
-                v_base = r_base(torch.arange(len(prompts)))
-            else:
-                s_base = reward.score(f_base, prompts)
-                v_base = s_base.mean().item()
+            everyone = torch.arange(len(prompts))
+            base_scores = reward.scores(reward.features(latents[set_name]["base"], prompts), prompts)
             for name in finetuned:
-                f_ft = reward.features(latents[set_name][name], prompts)
+                ft_scores = reward.scores(reward.features(latents[set_name][name], prompts), prompts)
+                v_base, v_ft = base_scores.of(everyone), ft_scores.of(everyone)
                 if reward.is_set:
-                    r_ft = reward.set_scorer(f_ft)
-                    v_ft = r_ft(torch.arange(len(prompts)))
-                    rate, lo, hi = set_win_rate(r_ft, r_base, len(prompts))
+                    rate, lo, hi = set_win_rate(ft_scores.of, base_scores.of, len(prompts))
                 else:
-                    s_ft = reward.score(f_ft, prompts)
-                    v_ft = s_ft.mean().item()
-                    rate, lo, hi = win_rate(s_ft.numpy(), s_base.numpy())
+                    rate, lo, hi = win_rate(ft_scores.per_example.numpy(), base_scores.per_example.numpy())
                 rows.append({"model": name, "prompts": set_name, "reward": reward.name, "type": reward.type,
                              "base": v_base, "finetuned": v_ft, "win_rate": rate, "ci_low": lo, "ci_high": hi,
                              "n": len(prompts)})

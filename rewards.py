@@ -10,12 +10,11 @@ references may be captions (text) while the generations are audio.
 
 Encoders (the E of an exemplar reward), each giving frame embeddings [B, frames, d] per clip:
   latent  the generator's own codec latents, one embedding per latent frame (the paper's VAE-FAD)
-  clap    CLAP window embeddings: offline, a small audio-text model fitted here on the synthetic
-          corpus (SmallClap); at real scale, transformers' ClapModel from a folder or hub name.
+  clap    CLAP window embeddings (clap.py): offline, a small audio-text model fitted here on the
+          training corpus (SmallClap); at real scale, transformers' ClapModel from a folder or hub name.
 """
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,12 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.stats
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (EXEMPLAR_RESTRICT, caption_for, check_finite, folder_corpus, load_corpus, load_pretrained, make_codec,
-                  read_prompts, resample)
+from clap import load_or_fit_clap, reward_dir
+from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, load_corpus, read_prompts, resample
 from model import load_checkpoint, save_atomic
 
 # =============================================================================================
@@ -84,222 +82,6 @@ def vendi_score(embeddings):
     lam = torch.linalg.eigvalsh(x @ x.T / x.shape[0]).clamp(min=0)
     lam = lam[lam > 1e-12]
     return float(torch.exp(-(lam * lam.log()).sum()))
-
-
-# =============================================================================================
-# The offline CLAP: a small audio-text contrastive model fitted on the synthetic corpus
-# =============================================================================================
-
-QUALITY_WORDS = {"off_scale": "with wrong notes", "detune": "out of tune", "hiss": "with background hiss",
-                 "clipping": "distorted and clipped", "jitter": "with sloppy timing", "dropout": "with dropouts"}
-
-
-class SmallClap(nn.Module):
-    """Audio tower: 1-D convolutions over normalised log-mel windows -> d-dim embedding.
-    Text tower: the frozen text encoder's token states, mean-pooled -> MLP -> d-dim embedding.
-    Both L2-normalised; trained with the symmetric InfoNCE loss (CLIP/CLAP)."""
-
-    def __init__(self, n_mels=32, text_dim=384, dim=64, width=128, window_frames=32, hop_frames=16):
-        super().__init__()
-        self.config = dict(n_mels=n_mels, text_dim=text_dim, dim=dim, width=width, window_frames=window_frames,
-                           hop_frames=hop_frames)
-        self.audio_tower = nn.Sequential(
-            nn.Conv1d(n_mels, width, 3, padding=1), nn.GELU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.GELU())
-        self.audio_proj = nn.Linear(width, dim)
-        self.text_tower = nn.Sequential(nn.Linear(text_dim, 2 * width), nn.GELU(), nn.Linear(2 * width, dim))
-        self.log_temp = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def windows(self, mel):
-        """[B, n_mels, T] -> [B, W, n_mels, window] fixed, deterministic windows."""
-        w, h = self.config["window_frames"], self.config["hop_frames"]
-        if mel.shape[-1] < w:
-            raise ValueError(f"clip has {mel.shape[-1]} mel frames, fewer than one CLAP window ({w})")
-        return mel.unfold(-1, w, h).permute(0, 2, 1, 3)
-
-    def embed_mel_windows(self, win):
-        """[N, n_mels, window] -> [N, dim] normalised."""
-        return F.normalize(self.audio_proj(self.audio_tower(win).mean(-1)), dim=-1)
-
-    def embed_text_states(self, text, mask):
-        pooled = (text * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return F.normalize(self.text_tower(pooled), dim=-1)
-
-
-def fit_small_clap(cfg, mel_codec, text_encoder, rank=0):
-    """Fit SmallClap on the training split: each step pairs one random window of each clip with a
-    freshly phrased caption of its attributes (plus its defects in words, so the embedding
-    hears quality too). Returns (model, report with held-out retrieval accuracy)."""
-    cc = cfg["clap"]
-    g = torch.Generator().manual_seed(cfg["seed"])
-    rng = np.random.default_rng(cfg["seed"])
-    corpus = load_corpus(cfg["data"], "train")
-    if not corpus.attributes:
-        raise ValueError("clap.kind=small is fitted on the synthetic corpus; with data.source=folder "
-                         "use clap.kind=hf and a pretrained CLAP in clap.path")
-    mel = torch.cat([mel_codec.encode(corpus.audio[i:i + 512]) for i in range(0, len(corpus), 512)])
-
-    def describe(i):
-        words = [QUALITY_WORDS[d] for d in corpus.defects[i]]
-        return caption_for(corpus.attributes[i], rng) + (", " + ", ".join(words) if words else "")
-    variants = [[describe(i) for i in range(len(corpus))] for _ in range(cc["caption_variants"])]
-    states = [text_encoder(v) for v in variants]
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["seed"])            # the same initial weights whatever ran before in this process
-        model = SmallClap(mel.shape[1], text_encoder.dim, cc["dim"], cc["width"], cc["window_frames"], cc["hop_frames"])
-    opt = torch.optim.Adam(model.parameters(), lr=cc["lr"])
-    bar = tqdm(range(cc["steps"]), desc="fit CLAP", disable=rank != 0, dynamic_ncols=True)
-    with torch.enable_grad():
-        for _ in bar:
-            clap_step(model, opt, mel, states, cc, g, rng, bar)
-    model.eval()
-    return model, clap_retrieval(model, mel_codec, text_encoder, cfg)
-
-
-def clap_step(model, opt, mel, states, cc, g, rng, bar):
-    """One symmetric InfoNCE step on B random windows and one phrasing of their captions."""
-    B, w = cc["batch_size"], cc["window_frames"]
-    idx = torch.randperm(len(mel), generator=g)[:B]
-    start = torch.randint(0, mel.shape[-1] - w + 1, (B,), generator=g)
-    win = torch.stack([mel[i, :, s:s + w] for i, s in zip(idx.tolist(), start.tolist())])
-    win = win + cc["mel_noise"] * torch.randn(win.shape, generator=g)   # robust to codec artifacts
-    text, mask = states[int(rng.integers(len(states)))]
-    a = model.embed_mel_windows(win)
-    t = model.embed_text_states(text[idx], mask[idx])
-    logits = model.log_temp.exp().clamp(max=100) * a @ t.T
-    labels = torch.arange(B)
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2   # symmetric InfoNCE
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    bar.set_postfix(loss=f"{loss.item():.3f}")
-
-
-@torch.no_grad()
-def clap_retrieval(model, mel_codec, text_encoder, cfg, n=100):
-    """Held-out retrieval: each validation clip's embedding ranks the captions of n clips."""
-    corpus = load_corpus(cfg["data"], "valid", n=n)
-    enc = ClapEncoder(model, mel_codec, text_encoder)
-    a = enc.audio_embedding(corpus.audio)
-    t = enc.text_embedding(corpus.captions)
-    rank = (a @ t.T).argsort(dim=1, descending=True)
-    hits = rank == torch.arange(n)[:, None]
-    return {"top1": float(hits[:, :1].any(1).float().mean()), "top5": float(hits[:, :5].any(1).float().mean()),
-            "chance_top1": 1 / n, "chance_top5": 5 / n, "n": n}
-
-
-class ClapEncoder:
-    """The offline CLAP behind the same interface as the real one."""
-
-    def __init__(self, model, mel_codec, text_encoder):
-        self.model, self.mel, self.text_encoder = model, mel_codec, text_encoder
-        self.sample_rate = mel_codec.sample_rate
-        self.dim = model.config["dim"]
-        self.identity = {"kind": "small", "weights": weights_hash(model), "window_frames": model.config["window_frames"],
-                         "hop_frames": model.config["hop_frames"], "sample_rate": self.sample_rate}
-
-    @torch.no_grad()
-    def window_embeddings(self, audio):
-        """audio [B, samples] at self.sample_rate -> [B, W, dim]."""
-        win = self.model.windows(self.mel.encode(audio))
-        B, W = win.shape[:2]
-        return self.model.embed_mel_windows(win.reshape(B * W, *win.shape[2:])).reshape(B, W, -1)
-
-    @torch.no_grad()
-    def text_embedding(self, prompts):
-        text, mask = self.text_encoder(prompts)
-        return self.model.embed_text_states(text, mask)
-
-    def audio_embedding(self, audio):
-        """One embedding per clip: the normalised mean of its window embeddings."""
-        return F.normalize(self.window_embeddings(audio).mean(1), dim=-1)
-
-
-class HFClapEncoder:
-    """Real CLAP through transformers' ClapModel (e.g. laion/larger_clap_music): 48 kHz input cut
-    into fixed 10 s windows with a 1 s hop by us (no random crops), L2-normalised embeddings."""
-
-    def __init__(self, path, window_seconds=10.0, hop_seconds=1.0, device="cpu"):
-        from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
-        self.model = load_pretrained(ClapModel, path, "clap.path").to(device).eval()
-        self.features = load_pretrained(ClapFeatureExtractor, path, "clap.path")
-        self.tokenizer = load_pretrained(AutoTokenizer, path, "clap.path")
-        if len(self.tokenizer) < 1000:
-            raise RuntimeError(f"clap.path={path!r}: tokenizer has only {len(self.tokenizer)} tokens")
-        self.sample_rate = self.features.sampling_rate
-        self.window, self.hop = int(window_seconds * self.sample_rate), int(hop_seconds * self.sample_rate)
-        self.dim = self.model.config.projection_dim
-        self.device = device
-        self.identity = {"kind": "hf", "path": path, "window_seconds": window_seconds, "hop_seconds": hop_seconds,
-                         "sample_rate": self.sample_rate}
-
-    @staticmethod
-    def _pooled(out):
-        return out.pooler_output if hasattr(out, "pooler_output") else out
-
-    @torch.no_grad()
-    def window_embeddings(self, audio):
-        audio = torch.as_tensor(audio).float()
-        n = audio.shape[-1]
-        starts = list(range(0, max(n - self.window, 0) + 1, self.hop))
-        wins = [audio[b, s:s + self.window].numpy() for b in range(len(audio)) for s in starts]
-        inputs = self.features(wins, sampling_rate=self.sample_rate, return_tensors="pt", padding="repeatpad",
-                               truncation="rand_trunc")
-        emb = self._pooled(self.model.get_audio_features(input_features=inputs["input_features"].to(self.device)))
-        return F.normalize(emb.float(), dim=-1).reshape(len(audio), len(starts), -1).cpu()
-
-    @torch.no_grad()
-    def text_embedding(self, prompts):
-        batch = self.tokenizer(prompts, padding=True, return_tensors="pt").to(self.device)
-        emb = self._pooled(self.model.get_text_features(**batch))
-        return F.normalize(emb.float(), dim=-1).cpu()
-
-    def audio_embedding(self, audio):
-        return F.normalize(self.window_embeddings(audio).mean(1), dim=-1)
-
-
-def weights_hash(model):
-    h = hashlib.sha1()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def reward_dir(cfg):
-    return os.path.join(cfg["out_dir"], "rewards")
-
-
-def load_or_fit_clap(cfg, text_encoder, rank=0):
-    """The CLAP of the config: the offline SmallClap (fitted once, then loaded from
-    out_dir/rewards/clap.pt) or a pretrained ClapModel from clap.path."""
-    cc = cfg["clap"]
-    if cc["kind"] == "hf":
-        return HFClapEncoder(cc["path"], cc["window_seconds"], cc["hop_seconds"])
-    if cc["kind"] != "small":
-        raise ValueError(f"clap.kind must be 'small' or 'hf', got {cc['kind']!r}")
-    # its front end is the mel transform of the codec section (whatever codec the generator uses)
-    mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)))
-    path = os.path.join(reward_dir(cfg), "clap.pt")
-    fitted_on = {"clap": {k: v for k, v in cc.items() if k not in ("kind", "path")}, "data": cfg["data"],
-                 "codec": cfg["codec"], "seed": cfg["seed"], "text_encoder": cfg["text_encoder"]}
-    if os.path.isfile(path):
-        ckpt = load_checkpoint(path)
-        if ckpt.get("fitted_on") == fitted_on:          # refit when the config it was fitted with changed
-            model = SmallClap(**ckpt["config"])
-            model.load_state_dict(ckpt["model"])
-            return ClapEncoder(model.eval(), mel, text_encoder)
-    t0 = time.time()
-    model, report = fit_small_clap(cfg, mel, text_encoder, rank)
-    if rank == 0:
-        save_atomic({"config": model.config, "model": model.state_dict(), "report": report, "fitted_on": fitted_on},
-                    path)
-        tqdm.write(f"offline CLAP fitted in {time.time() - t0:.0f}s: held-out retrieval top-1 {report['top1']:.1%} "
-                   f"(chance {report['chance_top1']:.1%}), top-5 {report['top5']:.1%} (chance "
-                   f"{report['chance_top5']:.1%}); saved to {path}")
-    return ClapEncoder(model, mel, text_encoder)
 
 
 # =============================================================================================
@@ -435,20 +217,25 @@ def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
 
 
 # =============================================================================================
-# One interface for train.py
+# One interface for train.py and eval.py
 # =============================================================================================
 
-REWARD_TYPES = {"aesthetics": "instance", "clap_score": "instance-to-instance",
-                "fad_per_song": "instance-to-distribution", "fad_dataset": "distribution",
-                "vendi": "distribution"}
+@dataclass
+class Scores:
+    """A reward's verdict on a batch of demonstrations. per_example [B]: r of each clip (instance
+    types; None for set types). of(members) -> r(S) of the members (an index tensor into the
+    batch): the mean of per_example for instance types, the set reward itself for distribution
+    types, so "the reward of D+" means one thing for every type."""
+    per_example: object
+    of: object
 
 
 @dataclass
 class Reward:
-    """features(latents, prompts) -> per-example features (computed once per batch);
-    instance types: score(features, prompts) -> [B];
-    set types: set_scorer(features) -> r(members), a function of an index tensor into the batch
-    that is cheap to call many times (dataset FAD sums per-example statistics once, so a swap
+    """features(latents, prompts) -> per-example features, computed once per batch (the decode /
+    encode of Appendix F step 4); scores(features, prompts) -> Scores (step 5).
+    Instance types give score(features, prompts) -> [B]; set types give set_scorer(features) ->
+    r(members), cheap to call many times (dataset FAD sums per-example statistics once, so a swap
     costs one d x d eigendecomposition)."""
     name: str
     type: str
@@ -460,9 +247,20 @@ class Reward:
     def is_set(self):
         return self.type == "distribution"
 
-    def set_score(self, features):
-        """r(S) of the whole batch of features."""
-        return self.set_scorer(features)(torch.arange(len(features)))
+    def scores(self, features, prompts):
+        if self.is_set:
+            r = self.set_scorer(features)
+            check_finite(torch.tensor([r(torch.arange(len(features)))]), f"reward {self.name} (a run keeps "
+                         "its last good checkpoint)", "sets", FloatingPointError)
+            return Scores(None, r)
+        values = self.score(features, prompts).double()
+        check_finite(values, f"reward {self.name} (a run keeps its last good checkpoint)", "examples",
+                     FloatingPointError)
+        return Scores(values, lambda members: values[members].mean().item())
+
+    def set_score(self, features, prompts=None):
+        """r of the whole batch (the mean over clips for instance types)."""
+        return self.scores(features, prompts).of(torch.arange(len(features)))
 
 
 def frame_features(codec, clap, encoder_name, reward_name):
@@ -523,48 +321,84 @@ def fad_from_stats(stats, members, ref):
     return -float(frechet_to_reference(mu[None], sigma[None], ref)[0])
 
 
-def build_reward(cfg, codec, text_encoder, rank=0):
-    """The reward named by config section `reward` (kind, encoder, reference)."""
-    rc = cfg["reward"]
-    kind = rc["kind"]
-    if kind not in REWARD_TYPES:
-        raise ValueError(f"reward.kind must be one of {sorted(REWARD_TYPES)}, got {kind!r}")
-    needs_clap = kind in ("aesthetics", "clap_score") or rc["encoder"] == "clap"
-    clap = load_or_fit_clap(cfg, text_encoder, rank) if needs_clap else None
-    name = kind if kind in ("aesthetics", "clap_score") else f"{kind}[{rc['encoder']}" + (
-        f",{rc['reference']}]" if kind != "vendi" else "]")
+# One table: each reward kind, its paper type, the encoder it uses (None: reward.encoder) and
+# whether it is scored against a reference set. Adding a reward is a builder below and one row.
+def aesthetics_reward(cfg, codec, clap, frames, ref, name, rank):       # instance: r(x)
+    identity = {"clap": clap.identity, "codec": LatentIdentity(cfg).identity, "aesthetics": cfg["aesthetics"],
+                "data": cfg["data"], "seed": cfg["seed"]}
+    head = load_or_fit_aesthetics(cfg, identity, lambda audio: F.normalize(frames(codec.encode(audio)).mean(1), dim=-1),
+                                  rank)
+    return {"score": lambda f, prompts=None: predict_aesthetics(head, F.normalize(f.mean(1), dim=-1)).float()}
 
-    if kind == "aesthetics":                                  # instance: r(x)
-        windows = frame_features(codec, clap, "clap", name)
-        identity = {"clap": clap.identity, "codec": LatentIdentity(cfg).identity, "aesthetics": cfg["aesthetics"],
-                    "data": cfg["data"], "seed": cfg["seed"]}
-        head = load_or_fit_aesthetics(cfg, identity, lambda audio: F.normalize(
-            windows(codec.encode(audio)).mean(1), dim=-1), rank)
-        return Reward(name, REWARD_TYPES[kind], windows,
-                      score=lambda f, prompts=None: predict_aesthetics(head, F.normalize(f.mean(1), dim=-1)).float())
-    if kind == "clap_score":                                  # instance-to-instance: r(x, c)
-        windows = frame_features(codec, clap, "clap", name)
 
-        def clap_score(f, prompts):
-            return (F.normalize(f.mean(1), dim=-1) * clap.text_embedding(prompts)).sum(-1)
-        return Reward(name, REWARD_TYPES[kind], windows, score=clap_score)
+def clap_score_reward(cfg, codec, clap, frames, ref, name, rank):       # instance-to-instance: r(x, c)
+    return {"score": lambda f, prompts: (F.normalize(f.mean(1), dim=-1) * clap.text_embedding(prompts)).sum(-1)}
 
-    frames = frame_features(codec, clap, rc["encoder"], name)
-    if kind == "vendi":                                       # distribution, reference-free: r(S)
-        return Reward(name, "distribution", lambda z, p=None: F.normalize(frames(z).mean(1), dim=-1),
-                      set_scorer=lambda emb: lambda members: vendi_score(emb[members]))
-    encoder = clap if rc["encoder"] == "clap" else LatentIdentity(cfg)
-    ref = reference_stats(cfg, encoder, rc["reference"], lambda audio: frames(codec.encode(audio)), rank)
-    if kind == "fad_per_song":                                # instance-to-distribution: r(x, R)
-        return Reward(name, REWARD_TYPES[kind], frames, score=lambda f, prompts=None: per_song_fad(f, ref, name))
 
-    def dataset_fad(features):                                # distribution: r(S, R) on pooled frames
+def fad_per_song_reward(cfg, codec, clap, frames, ref, name, rank):     # instance-to-distribution: r(x, R)
+    return {"score": lambda f, prompts=None: per_song_fad(f, ref, name)}
+
+
+def fad_dataset_reward(cfg, codec, clap, frames, ref, name, rank):      # distribution: r(S, R), pooled frames
+    def dataset_fad(features):
         if features.shape[2] != ref["mu"].shape[0]:
             raise ValueError(f"reward {name}: embedding dimension {features.shape[2]} != reference "
                              f"{ref['mu'].shape[0]}")
         stats = set_stats(features)
         return lambda members: fad_from_stats(stats, members, ref)
-    return Reward(name, "distribution", frames, set_scorer=dataset_fad)
+    return {"set_scorer": dataset_fad}
+
+
+def vendi_reward(cfg, codec, clap, frames, ref, name, rank):            # distribution, reference-free: r(S)
+    def vendi(features):
+        emb = F.normalize(features.mean(1), dim=-1)
+        return lambda members: vendi_score(emb[members])
+    return {"set_scorer": vendi}
+
+
+REWARDS = {   # kind: (paper's type, encoder or None for reward.encoder, uses reward.reference, builder)
+    "aesthetics": ("instance", "clap", False, aesthetics_reward),
+    "clap_score": ("instance-to-instance", "clap", False, clap_score_reward),
+    "fad_per_song": ("instance-to-distribution", None, True, fad_per_song_reward),
+    "fad_dataset": ("distribution", None, True, fad_dataset_reward),
+    "vendi": ("distribution", None, False, vendi_reward),
+}
+
+
+def reward_name(rc):
+    """How config section `reward` appears in logs and tables: kind, kind[encoder] or
+    kind[encoder,reference]."""
+    if rc["kind"] not in REWARDS:
+        raise ValueError(f"reward.kind must be one of {sorted(REWARDS)}, got {rc['kind']!r}")
+    _, fixed_encoder, uses_reference, _ = REWARDS[rc["kind"]]
+    if fixed_encoder:
+        return rc["kind"]
+    return f"{rc['kind']}[{rc['encoder']}" + (f",{rc['reference']}]" if uses_reference else "]")
+
+
+def parse_reward(spec):
+    """A reward spec of eval.rewards, 'kind', 'kind/encoder' or 'kind/encoder/reference', -> keys of
+    config section reward. The reference is everything after the second '/', so it may be a path:
+    fad_per_song/latent/audio:/data/ref.tsv."""
+    parts = spec.split("/", 2)
+    if parts[0] not in REWARDS:
+        raise ValueError(f"reward spec {spec!r}: kind must be one of {sorted(REWARDS)}")
+    return dict(zip(["kind", "encoder", "reference"], parts))
+
+
+def build_reward(cfg, codec, text_encoder, rank=0):
+    """The reward named by config section `reward` (kind, encoder, reference)."""
+    rc = cfg["reward"]
+    name = reward_name(rc)
+    paper_type, fixed_encoder, uses_reference, builder = REWARDS[rc["kind"]]
+    encoder_name = fixed_encoder or rc["encoder"]
+    clap = load_or_fit_clap(cfg, text_encoder, rank) if encoder_name == "clap" else None
+    frames = frame_features(codec, clap, encoder_name, name)
+    ref = None
+    if uses_reference:
+        encoder = clap if encoder_name == "clap" else LatentIdentity(cfg)
+        ref = reference_stats(cfg, encoder, rc["reference"], lambda audio: frames(codec.encode(audio)), rank)
+    return Reward(name, paper_type, frames, **builder(cfg, codec, clap, frames, ref, name, rank))
 
 
 class LatentIdentity:

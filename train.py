@@ -4,8 +4,10 @@
     torchrun --standalone --nproc_per_node=N train.py config.yaml     (NCCL on GPUs, gloo on CPUs)
 
 f_ref is the pre-trained base model (frozen, never updated); f_theta starts as its copy. Each
-round: sample prompts -> choose the generator -> generate demonstrations -> decode/encode as the
-reward needs -> score -> build D+ and D- -> DPO/KTO loss -> backward -> clip -> Adam -> log.
+round (`train`, one commented line per step): F1 sample prompts -> F2 choose the generator ->
+F3 generate demonstrations -> F4 decode/encode as the reward needs -> F5 score -> F6 build D+ and
+D- -> F7 DPO/KTO loss -> F8 backward -> F9 clip and Adam -> F10 log. Set-up, the held-out
+evaluation and the bookkeeping are named functions around the loop.
 Under torchrun each rank generates its share of the demonstrations; rewards and set construction
 run on the gathered global batch (set rewards need the whole set); each rank computes the loss
 on its share of D+/D-, and DDP averages the gradients.
@@ -15,21 +17,204 @@ import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import TextEncoder, check_finite, listen, listening_summary, make_codec, prompt_set, write_wav
-from dragon import Sets, build_sets, dpo_loss, kto_loss, pair_up, per_example_errors, rank_shard
+from data import prompt_set, write_wav
+from encoders import TextEncoder, make_codec
+from listen import listen, listening_summary
+from dragon import A_theta, Sets, build_sets, dpo_loss, kto_loss, kto_reference_point, pair_up, per_example_errors
+from dragon import rank_shard
+from eval import win_rate
+from launch import autocast, log, parse_args, seeded_generator, setup_distributed, use_bf16
 from model import drop_condition, load_checkpoint, load_model, sample_sigma, save_atomic, save_model
-from pretrain import autocast, log, parse_args, pretrain, setup_distributed, use_bf16
-from sampler import generate_latents
+from pretrain import pretrain
 from rewards import build_reward
+from sampler import generate_latents
 
 CHOICES = {"loss": ("dpo", "kto"), "sets": ("paired", "unpaired", "greedy", "loo", "set_vs_set"),
            "lr_schedule": ("constant", "linear")}
+
+
+# =============================================================================================
+# The loop
+# =============================================================================================
+
+def train(cfg):
+    run = set_up(cfg)                        # f_ref, f_theta, Adam, reward, prompts; resumes dragon_state.pt
+    dc, P = cfg["dragon"], cfg["dragon"]["prompts_per_round"]
+    base = held_out(run, run.ref_model)      # the baseline: f_ref on the held-out prompts, same noise
+    log(run.rank, f"DRAGON on {run.reward.name} ({run.reward.type}), {dc['loss'].upper()}, sets={dc['sets']}: "
+                  f"base model held-out reward {base.value:.4f}; listening {fmt(base.listening)}")
+    bar = tqdm(total=dc["rounds"], initial=run.start, desc=f"DRAGON {run.reward.name}", disable=run.rank != 0,
+               dynamic_ncols=True)
+    run.completed = run.start                # rounds whose update is applied
+    try:
+        for rnd in range(run.start, dc["rounds"]):
+            g = seeded_generator(cfg["seed"], rnd)          # every random draw of the round
+            set_lr(run.opt, lr_at(rnd, dc))
+            t0 = time.time()
+            # F1: sample prompts, each with two seeds
+            picks = torch.randint(len(run.train_prompts), (P,), generator=g).tolist()
+            prompts = [run.train_prompts[i] for i in picks] * 2            # the batch: every prompt twice
+            seeds = torch.randint(2 ** 31, (2 * P,), generator=g).tolist()
+            # F2: f_ref generates the round with probability p_ref, else f_theta
+            use_ref = torch.rand(1, generator=g).item() < dc["p_ref"]
+            # F3: generate demonstrations with the inference sampler (no grad, batched CFG)
+            latents = generate_demos(run, run.ref_model if use_ref else run.model, prompts, seeds, run.demo_sampler)
+            t1 = time.time()
+            # F4: decode / encode as the reward needs (audio -> CLAP windows, or latent frames)
+            features = run.reward.features(latents, prompts)
+            # F5: score: per clip for instance rewards, r(S) of any subset for set rewards
+            scores = run.reward.scores(features, prompts)
+            # F6: build D+ and D-
+            sets = build_sets(dc["sets"], run.pairs, scores.per_example, scores.of, g)
+            t2 = time.time()
+            # F7-F9: DPO / KTO loss -> backward -> clip the gradient norm (45) -> Adam
+            text, mask = run.text_encoder(prompts)
+            for _ in range(dc["updates_per_round"]):        # paper: 1; each a fresh sigma / noise draw
+                metrics = dragon_update(run.model, run.train_model, run.ref_model, run.opt, latents, text, mask,
+                                        sets, cfg, g, run.rank, run.world, run.device)
+            run.completed = rnd + 1
+            # F10: log (and every eval_every rounds: held-out evaluation, WAV samples; checkpoints)
+            entry = {"round": rnd + 1, "generator": "ref" if use_ref else "theta",
+                     "reward": scores.of(torch.arange(2 * P)), "reward_pos": scores.of(sets.pos),
+                     "reward_neg": scores.of(sets.neg), "n_pos": len(sets.pos), "n_neg": len(sets.neg), **metrics,
+                     "t_generate": t1 - t0, "t_score": t2 - t1, "t_update": time.time() - t2}
+            bookkeeping(run, entry, base, bar)
+    except KeyboardInterrupt:
+        save_state(run, run.completed)
+        log(run.rank, f"interrupted: saved round {run.completed} to {run.state_path}; run the same command to resume")
+        return None
+    bar.close()
+    return finish(run)
+
+
+# =============================================================================================
+# Appendix F steps 3 and 7-9
+# =============================================================================================
+
+def generate_demos(run, generator_model, prompts, seeds, sampler_cfg):
+    """F3 for the global batch: each rank samples its shard, then all ranks gather."""
+    shard = rank_shard(len(prompts), run.rank, run.world)
+    generator_model.eval()
+    mine = generate_latents(generator_model, prompts[shard], seeds[shard], run.T, run.text_encoder, sampler_cfg,
+                            run.device, batch=len(prompts), bf16=run.bf16)
+    run.model.train()
+    return gather(mine.to(run.device), run.world).cpu()
+
+
+def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets, cfg, g, rank, world, device):
+    """F7-F9 on this rank's share of D+ / D-: Eq. (7) A_theta, Eq. (6) or (8), backward, clip, Adam.
+
+    sigma, noise and condition dropout are drawn for the whole global batch from the round's
+    generator (pairs share them, for DPO and KTO alike), then sliced, so any number of ranks gives
+    the same update."""
+    dc, C_T = cfg["dragon"], latents.shape[1:]
+    if dc["loss"] == "dpo":
+        sets = pair_up(sets, g)                                        # DPO needs pairs
+    if dc["sigma_draws"] > 1:                                          # each pair / example at several sigma, noise
+        sets = Sets(sets.pos.repeat(dc["sigma_draws"]), sets.neg.repeat(dc["sigma_draws"]), sets.paired)
+    K = len(sets.pos) if sets.paired else len(sets.pos) + len(sets.neg)   # one sigma / noise per pair or example
+    sigma = sample_sigma(K, cfg["pretrain"]["P_mean"], cfg["pretrain"]["P_std"], g)   # the training log-normal
+    noise = torch.randn((K, *C_T), generator=g)
+    keep = drop_condition(torch.ones(K, 1, dtype=torch.bool), dc["cond_dropout"], g)[:, 0]
+    s = rank_shard(K, rank, world)
+    if sets.paired:                                                    # x+ and x- of a pair: same sigma, noise
+        idx = torch.cat([sets.pos[s], sets.neg[s]])
+        is_pos = torch.arange(len(idx)) < len(idx) // 2
+        sig, nz, kp = sigma[s].repeat(2), noise[s].repeat(2, 1, 1), keep[s].repeat(2)
+    else:
+        idx, is_pos = torch.cat([sets.pos, sets.neg])[s], (torch.arange(K) < len(sets.pos))[s]
+        sig, nz, kp = sigma[s], noise[s], keep[s]
+    x0, c, m = latents[idx].to(device), text[idx].to(device), (mask[idx] & kp[:, None]).to(device)  # 10% dropout
+    with autocast(device, dc["loss_bf16"]):       # float32 by default: A_theta is a small difference of two errors
+        e_theta, e_ref = per_example_errors(train_model, ref_model, x0, c, m, sig.to(device), nz.to(device))
+    e_theta, e_ref, is_pos = e_theta.float(), e_ref.float(), is_pos.to(device)
+    A = A_theta(e_theta, e_ref)                                        # Eq. (7)
+    if dc["loss"] == "dpo":                                            # Eq. (6), one term per pair
+        n = len(idx) // 2
+        terms, logits = dpo_loss(A[:n], A[n:], dc["beta"], dc["kappa"])
+        n_terms, extra = K, {}
+    else:                                                              # Eq. (8), z over the global batch
+        z = kto_reference_point(gather(A.detach(), world))
+        terms, logits = kto_loss(A, is_pos, dc["kto_beta"], z, dc["kto_w_pos"], dc["kto_w_neg"])
+        n_terms, extra = (2 * K if sets.paired else K), {"z": z.item()}
+    loss = terms.sum() * world / n_terms          # the global-batch mean: DDP divides the summed gradients by world
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"DRAGON loss is {loss.item()}; the last good checkpoint is kept")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()                                                    # F8 (DDP averages gradients)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), dc["grad_clip"]).item()   # F9: clip at 45 ...
+    opt.step()                                                         # ... and Adam
+    return {"loss": loss.item() / world, "grad_norm": grad_norm,      # world 1: the mean loss; else this rank's share
+            **loss_metrics(A, e_theta, e_ref, is_pos, logits, dc["loss"]), **extra}
+
+
+def loss_metrics(A, e_theta, e_ref, is_pos, logits, loss_kind):
+    """What F10 logs about the update (this rank's share): implicit accuracy (f_theta prefers D+
+    over D- relative to f_ref), share of saturated terms (|sigmoid argument| > 5: weight ~0 or ~1),
+    mean A_theta and errors on D+ and D-."""
+    def mean(x, m):
+        return x[m].mean().item() if m.any() else float("nan")
+    pos, neg = is_pos, ~is_pos
+    correct = logits > 0 if loss_kind == "kto" else (A[pos] < A[neg]).float() + 0.5 * (A[pos] == A[neg]).float()
+    return {"implicit_acc": correct.float().mean().item(), "saturated": (logits.detach().abs() > 5).float().mean().item(),
+            "A_pos": mean(A, pos), "A_neg": mean(A, neg), "e_theta_pos": mean(e_theta, pos),
+            "e_ref_pos": mean(e_ref, pos), "e_theta_neg": mean(e_theta, neg), "e_ref_neg": mean(e_ref, neg)}
+
+
+# =============================================================================================
+# Set-up, held-out evaluation, bookkeeping
+# =============================================================================================
+
+def set_up(cfg):
+    """Pre-train the base model if there is none; build the codec, text encoder and reward (rank
+    0 fits and caches the reward models, the other ranks then load them); f_ref frozen, f_theta
+    its copy, Adam; resume dragon_state.pt when there is one."""
+    rank, world, device = setup_distributed(cfg)
+    dc, out = cfg["dragon"], cfg["out_dir"]
+    run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, run_dir=os.path.join(out, dc["run_name"]))
+    base_path = os.path.join(out, "base.pt")
+    if not os.path.isfile(base_path):
+        log(rank, f"no base model at {base_path}: pre-training it first (what pretrain.py does)")
+        pretrain(cfg)
+    run.codec = make_codec(cfg)
+    run.text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    if rank != 0:
+        dist.barrier()
+    run.reward = build_reward(cfg, run.codec, run.text_encoder, rank)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    check_dragon_config(cfg, run.reward)
+    run.ref_model = load_model(base_path, map_location=device)[0].eval().requires_grad_(False)   # f_ref: frozen
+    run.model = copy.deepcopy(run.ref_model).train().requires_grad_(True)                      # f_theta
+    run.model.grad_checkpointing = dc["grad_checkpointing"]
+    run.opt = torch.optim.Adam(run.model.parameters(), lr=dc["lr"])
+    run.state_path, run.log_path = os.path.join(run.run_dir, "dragon_state.pt"), os.path.join(run.run_dir, "log.jsonl")
+    os.makedirs(run.run_dir, exist_ok=True)
+    run.start = 0
+    if dc["resume"] and os.path.isfile(run.state_path):
+        state = load_checkpoint(run.state_path, map_location=device)
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.start = state["round"]
+        log(rank, f"resumed {run.state_path} at round {run.start}")
+    elif rank == 0 and os.path.isfile(run.log_path):
+        os.remove(run.log_path)
+    run.train_model = torch.nn.parallel.DistributedDataParallel(run.model) if world > 1 else run.model
+    run.train_prompts = prompt_set(cfg["data"], "train")
+    run.eval_prompts = prompt_set(cfg["data"], "heldout")[: dc["n_eval"]]
+    run.eval_seeds = [10_000 + i for i in range(len(run.eval_prompts))]
+    run.T = run.codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
+    run.demo_sampler = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])  # paper: inference sampler
+    run.bf16 = use_bf16(dc, device)
+    P = dc["prompts_per_round"]
+    run.pairs = torch.stack([torch.arange(P), torch.arange(P) + P], dim=1)   # the two seeds of each prompt
+    return run
 
 
 def check_dragon_config(cfg, reward):
@@ -55,10 +240,9 @@ def lr_at(rnd, dc):
     return dc["lr"] * (1 - rnd / dc["rounds"] if dc["lr_schedule"] == "linear" else 1.0)
 
 
-def round_generator(seed, rnd, salt=0):
-    """Everything random in a round comes from (seed, round): identical on every rank, and a
-    resumed run draws exactly what the uninterrupted run drew."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rnd, salt]).generate_state(1)[0]))
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def gather(x, world):
@@ -75,230 +259,68 @@ def gather(x, world):
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def generate_demos(generator_model, prompts, seeds, T, text_encoder, sampler_cfg, device, rank, world, bf16=False):
-    """Demonstrations for the global batch: each rank samples its shard, then all ranks gather."""
-    shard = rank_shard(len(prompts), rank, world)
-    mine = generate_latents(generator_model, prompts[shard], seeds[shard], T, text_encoder, sampler_cfg, device,
-                            batch=len(prompts), bf16=bf16)
-    return gather(mine.to(device), world).cpu()
-
-
-def dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets, cfg, g, rank, world, device):
-    """Appendix F, loss -> backward -> clip -> Adam on this rank's share of D+ / D-.
-
-    sigma, noise and condition dropout are drawn for the whole global batch from the round's
-    generator (pairs share them, for DPO and KTO alike), then sliced, so any number of ranks gives
-    the same update."""
-    dc, C_T = cfg["dragon"], latents.shape[1:]
-    if dc["loss"] == "dpo":
-        sets = pair_up(sets, g)                                        # DPO needs pairs
-    if dc["sigma_draws"] > 1:                                          # each pair / example at several sigma, noise
-        sets = Sets(sets.pos.repeat(dc["sigma_draws"]), sets.neg.repeat(dc["sigma_draws"]), sets.paired)
-    K = len(sets.pos) if sets.paired else len(sets.pos) + len(sets.neg)   # one sigma / noise per pair or example
-    sigma = sample_sigma(K, cfg["pretrain"]["P_mean"], cfg["pretrain"]["P_std"], g)   # the training log-normal
-    noise = torch.randn((K, *C_T), generator=g)
-    keep = drop_condition(torch.ones(K, 1, dtype=torch.bool), dc["cond_dropout"], g)[:, 0]
-    s = rank_shard(K, rank, world)
-    if sets.paired:                                                    # x+ and x- of a pair: same sigma, noise
-        idx = torch.cat([sets.pos[s], sets.neg[s]])
-        labels = torch.arange(len(idx)) < len(idx) // 2
-        sig, nz, kp = sigma[s].repeat(2), noise[s].repeat(2, 1, 1), keep[s].repeat(2)
-    else:
-        idx, labels = torch.cat([sets.pos, sets.neg])[s], (torch.arange(K) < len(sets.pos))[s]
-        sig, nz, kp = sigma[s], noise[s], keep[s]
-    x0 = latents[idx].to(device)
-    c, m = text[idx].to(device), (mask[idx] & kp[:, None]).to(device)   # 10% condition dropout
-    with autocast(device, dc["loss_bf16"]):       # float32 by default: A_theta is a small difference of two errors
-        e_theta, e_ref = per_example_errors(train_model, ref_model, x0, c, m, sig.to(device), nz.to(device))
-    e_theta, e_ref = e_theta.float(), e_ref.float()
-    if dc["loss"] == "dpo":                                            # Eq. (6)
-        n = len(idx) // 2
-        loss, metrics = dpo_loss(e_theta[:n], e_ref[:n], e_theta[n:], e_ref[n:], dc["beta"], dc["kappa"],
-                                 normalizer=K / world)
-    else:                                                              # Eq. (8)
-        loss, metrics = kto_loss(e_theta, e_ref, labels.to(device), dc["kto_beta"], dc["kto_w_pos"],
-                                 dc["kto_w_neg"], normalizer=(2 * K if sets.paired else K) / world)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"DRAGON loss is {loss.item()}; the last good checkpoint is kept")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()                                                    # DDP averages gradients
-    metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), dc["grad_clip"]).item()  # clip 45
-    opt.step()                                                         # Adam
-    metrics["loss"] = loss.item() / world      # world = 1: the mean loss; else this rank's share
-    return metrics
-
-
-def score(reward, latents, prompts):
-    """Per-example rewards [B] for instance-type rewards; for set rewards the function r(members)."""
-    features = reward.features(latents, prompts)
-    if reward.is_set:
-        return reward.set_scorer(features)
-    r = reward.score(features, prompts).double()
-    check_finite_rewards(r, reward.name)
-    return r
-
-
-def check_finite_rewards(r, name):
-    """A NaN reward stops the run; the last resumable checkpoint (dragon_state.pt) is kept."""
-    check_finite(r, f"reward {name} (the last good checkpoint is kept)", "examples", FloatingPointError)
-
-
 @torch.no_grad()
-def evaluate(model, reward, codec, prompts, seeds, T, text_encoder, cfg, device, rank, world, bf16):
-    """Fresh samples on held-out prompts with fixed seeds and the inference sampler: per-prompt
-    rewards (instance types) or the set value, the latents, and what a listener would notice
-    (data.listen: loudness, clipping, hiss, dropouts, the prompt's register)."""
-    latents = generate_demos(model, prompts, seeds, T, text_encoder, cfg["sampler"], device, rank, world, bf16)
-    r = score(reward, latents, prompts)
-    listening = listening_summary(listen(codec.decode(latents), codec.sample_rate, prompts))
-    return (r if not callable(r) else r(torch.arange(len(prompts)))), latents, listening
+def held_out(run, model):
+    """Fresh samples on the held-out prompts with fixed seeds and the inference sampler: their
+    Scores, the set's reward (value), the latents, and what a listener would notice (data.listen:
+    loudness, clipping, hiss, dropouts, the prompt's register)."""
+    latents = generate_demos(run, model, run.eval_prompts, run.eval_seeds, run.cfg["sampler"])
+    scores = run.reward.scores(run.reward.features(latents, run.eval_prompts), run.eval_prompts)
+    listening = listening_summary(listen(run.codec.decode(latents), run.codec.sample_rate, run.eval_prompts))
+    return SimpleNamespace(scores=scores, value=scores.of(torch.arange(len(latents))), latents=latents,
+                           listening=listening)
+
+
+def bookkeeping(run, entry, base, bar):
+    """F10: every dragon.eval_every rounds the held-out evaluation against the base model (win
+    rate per prompt, ties 1/2, with its 95% bootstrap interval) and WAV samples; checkpoints every
+    dragon.ckpt_every rounds; the log line; the progress bar."""
+    dc, rnd = run.cfg["dragon"], entry["round"]
+    if rnd % dc["eval_every"] == 0 or rnd == dc["rounds"]:
+        ft = held_out(run, run.model)
+        entry.update(eval_reward=ft.value, eval_reward_base=base.value, eval_listening=ft.listening,
+                     eval_listening_base=base.listening)
+        if ft.scores.per_example is not None:
+            rate, lo, hi = win_rate(ft.scores.per_example.numpy(), base.scores.per_example.numpy())
+            entry.update(eval_win_rate=rate, eval_win_ci=[lo, hi])
+        if run.rank == 0:
+            write_samples(run.codec, ft.latents[: dc["n_wav"]], run.cfg, run.run_dir, rnd)
+    if rnd % dc["ckpt_every"] == 0 or rnd == dc["rounds"]:
+        save_state(run, rnd)
+    if run.rank == 0:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    bar.update(1)
+    bar.set_postfix(r=f"{entry['reward']:.3f}", acc=f"{entry['implicit_acc']:.2f}",
+                    **({"eval": f"{entry['eval_reward']:.3f}"} if "eval_reward" in entry else {}))
+
+
+def save_state(run, rnd):
+    if run.rank == 0:
+        save_atomic({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "round": rnd,
+                     "model_config": run.cfg["model"]}, run.state_path)
+
+
+def finish(run):
+    """The fine-tuned model, the reward curve, and the last evaluation's summary."""
+    dc = run.cfg["dragon"]
+    path = os.path.join(run.run_dir, "dragon.pt")
+    if run.rank == 0:
+        save_model(path, run.model, rounds=dc["rounds"], reward=run.reward.name)
+        plot_log(run.log_path, os.path.join(run.run_dir, "reward_curve.png"), run.reward.name)
+        last = [json.loads(line) for line in open(run.log_path)][-1]
+        log(run.rank, f"done: held-out {run.reward.name} {last['eval_reward_base']:.4f} (base) -> "
+                      f"{last['eval_reward']:.4f}"
+                      + (f", win rate {last['eval_win_rate']:.1%}" if "eval_win_rate" in last else "")
+                      + f"; listening {fmt(last['eval_listening'])} (base: {fmt(last['eval_listening_base'])})"
+                      + f"; checkpoint {path}")
+    if run.world > 1:
+        dist.barrier()
+    return path
 
 
 def fmt(listening):
     return ", ".join(f"{k} {v:.3f}" for k, v in listening.items())
-
-
-def summary(values):
-    return float(values.mean()) if torch.is_tensor(values) else float(values)
-
-
-def win_rate(ft, base):
-    """Share of prompts where the fine-tuned sample beats the base sample (ties count 1/2)."""
-    return float(((ft > base).double() + 0.5 * (ft == base).double()).mean())
-
-
-def train(cfg):
-    rank, world, device = setup_distributed(cfg)
-    dc, out = cfg["dragon"], cfg["out_dir"]
-    run_dir = os.path.join(out, dc["run_name"])
-    base_path = os.path.join(out, "base.pt")
-    if not os.path.isfile(base_path):
-        log(rank, f"no base model at {base_path}: pre-training it first (what pretrain.py does)")
-        pretrain(cfg)
-    codec = make_codec(cfg)
-    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
-    if rank != 0:
-        dist.barrier()          # rank 0 fits the reward models once and caches them in out_dir/rewards ...
-    reward = build_reward(cfg, codec, text_encoder, rank)
-    if rank == 0 and world > 1:
-        dist.barrier()          # ... then the other ranks load them
-    check_dragon_config(cfg, reward)
-
-    ref_model = load_model(base_path, map_location=device)[0].eval().requires_grad_(False)   # f_ref: frozen
-    model = copy.deepcopy(ref_model).train().requires_grad_(True)                               # f_theta
-    model.grad_checkpointing = dc["grad_checkpointing"]
-    opt = torch.optim.Adam(model.parameters(), lr=dc["lr"])
-    state_path, log_path = os.path.join(run_dir, "dragon_state.pt"), os.path.join(run_dir, "log.jsonl")
-    os.makedirs(run_dir, exist_ok=True)
-    start = 0
-    if dc["resume"] and os.path.isfile(state_path):
-        state = load_checkpoint(state_path, map_location=device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["round"]
-        log(rank, f"resumed {state_path} at round {start}")
-    elif rank == 0 and os.path.isfile(log_path):
-        os.remove(log_path)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
-    train_prompts = prompt_set(cfg["data"], "train")
-    eval_prompts = prompt_set(cfg["data"], "heldout")[: dc["n_eval"]]
-    eval_seeds = [10_000 + i for i in range(len(eval_prompts))]
-    T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
-    demo_sampler = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])   # paper: the inference sampler
-    bf16 = use_bf16(dc, device)
-    P = dc["prompts_per_round"]
-    pairs = torch.stack([torch.arange(P), torch.arange(P) + P], dim=1)   # two seeds per prompt
-
-    def held_out(generator_model):
-        return evaluate(generator_model, reward, codec, eval_prompts, eval_seeds, T, text_encoder, cfg, device,
-                        rank, world, bf16)
-    base_eval, base_latents, base_listening = held_out(ref_model)
-    log(rank, f"DRAGON on {reward.name} ({reward.type}), {dc['loss'].upper()}, sets={dc['sets']}: "
-              f"base model held-out reward {summary(base_eval):.4f}; listening {fmt(base_listening)}")
-
-    def save_state(rnd):
-        if rank == 0:
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "round": rnd,
-                         "model_config": cfg["model"]}, state_path)
-
-    bar = tqdm(total=dc["rounds"], initial=start, desc=f"DRAGON {reward.name}", disable=rank != 0, dynamic_ncols=True)
-    completed = start                                                    # rounds whose update is applied
-    try:
-        for rnd in range(start, dc["rounds"]):
-            g = round_generator(cfg["seed"], rnd)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(rnd, dc)
-            t0 = time.time()
-            # F1: sample prompts
-            prompts = [train_prompts[i] for i in torch.randint(len(train_prompts), (P,), generator=g).tolist()]
-            demo_prompts = prompts + prompts
-            seeds = torch.randint(2 ** 31, (2 * P,), generator=g).tolist()
-            # F2: choose the generator: f_ref with probability p_ref, else f_theta
-            use_ref = torch.rand(1, generator=g).item() < dc["p_ref"]
-            # F3: generate demonstrations (no grad, batched CFG)
-            model.eval()
-            latents = generate_demos(ref_model if use_ref else model, demo_prompts, seeds, T, text_encoder,
-                                     demo_sampler, device, rank, world, bf16)
-            model.train()
-            t1 = time.time()
-            # F4-F5: decode / encode as the reward needs, and score
-            scored = score(reward, latents, demo_prompts)
-            # F6: build D+ and D-
-            if reward.is_set:
-                sets = build_sets(dc["sets"], pairs, set_reward=scored, generator=g)
-                r_pos, r_neg = scored(sets.pos), scored(sets.neg)
-                r_mean = scored(torch.arange(2 * P))
-                check_finite_rewards(torch.tensor([r_pos, r_neg, r_mean]), reward.name)
-            else:
-                sets = build_sets(dc["sets"], pairs, rewards=scored, generator=g)
-                r_pos, r_neg, r_mean = scored[sets.pos].mean().item(), scored[sets.neg].mean().item(), scored.mean().item()
-            t2 = time.time()
-            # F7-F9: DPO / KTO loss -> backward -> clip grad norm (45) -> Adam
-            text, mask = text_encoder(demo_prompts)
-            for _ in range(dc["updates_per_round"]):                  # paper: 1; each a fresh sigma / noise draw
-                metrics = dragon_update(model, train_model, ref_model, opt, latents, text, mask, sets, cfg, g,
-                                        rank, world, device)
-            completed = rnd + 1
-            t3 = time.time()
-            # F10: log
-            entry = {"round": rnd + 1, "generator": "ref" if use_ref else "theta", "reward": r_mean,
-                     "reward_pos": r_pos, "reward_neg": r_neg, "n_pos": len(sets.pos), "n_neg": len(sets.neg),
-                     **metrics, "t_generate": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
-            if (rnd + 1) % dc["eval_every"] == 0 or rnd + 1 == dc["rounds"]:
-                ft_eval, ft_latents, listening = held_out(model.eval())
-                model.train()
-                entry["eval_reward"] = summary(ft_eval)
-                entry["eval_reward_base"] = summary(base_eval)
-                if torch.is_tensor(ft_eval):
-                    entry["eval_win_rate"] = win_rate(ft_eval, base_eval)
-                entry["eval_listening"], entry["eval_listening_base"] = listening, base_listening
-                if rank == 0:
-                    write_samples(codec, ft_latents[: dc["n_wav"]], cfg, run_dir, rnd + 1)
-            if (rnd + 1) % dc["ckpt_every"] == 0 or rnd + 1 == dc["rounds"]:
-                save_state(rnd + 1)
-            if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-            bar.update(1)
-            bar.set_postfix(r=f"{r_mean:.3f}", acc=f"{metrics['implicit_acc']:.2f}",
-                            **({"eval": f"{entry['eval_reward']:.3f}"} if "eval_reward" in entry else {}))
-    except KeyboardInterrupt:
-        save_state(completed)
-        log(rank, f"interrupted: saved round {completed} to {state_path}; run the same command to resume")
-        return None
-    bar.close()
-    if rank == 0:
-        save_model(os.path.join(run_dir, "dragon.pt"), model, rounds=dc["rounds"], reward=reward.name)
-        plot_log(log_path, os.path.join(run_dir, "reward_curve.png"), reward.name)
-        last = [json.loads(line) for line in open(log_path)][-1]
-        log(rank, f"done: held-out {reward.name} {last['eval_reward_base']:.4f} (base) -> {last['eval_reward']:.4f}"
-                  + (f", win rate {last['eval_win_rate']:.1%}" if "eval_win_rate" in last else "")
-                  + f"; listening {fmt(last['eval_listening'])} (base: {fmt(last['eval_listening_base'])})"
-                  + f"; checkpoint {os.path.join(run_dir, 'dragon.pt')}")
-    if world > 1:
-        dist.barrier()
-    return os.path.join(run_dir, "dragon.pt")
 
 
 def write_samples(codec, latents, cfg, run_dir, rnd):

@@ -8,7 +8,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from clap import load_or_fit_clap  # noqa: E402
+from data import load_corpus  # noqa: E402
+from encoders import TextEncoder, make_codec  # noqa: E402
+from launch import load_config  # noqa: E402
 from model import DiT, DiTConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The test models are tiny: one thread avoids OpenMP hand-off costs that dominate (and explode
 # when another process shares the two cores).
@@ -41,3 +47,20 @@ def text_batch(B, L=5, D=8, lengths=None, seed=1):
 @pytest.fixture
 def tiny():
     return tiny_dit()
+
+
+# A micro synthetic world with a fitted offline CLAP, shared by test_clap.py and test_rewards.py
+REWARD_MICRO = ["data.n_train=600", "data.n_valid=100", "data.n_test=8", "data.clip_seconds=1.0",
+                "codec.griffin_lim_iters=2", "clap.steps=250", "clap.batch_size=64", "clap.lr=0.003",
+                "reward.n_reference=40", "aesthetics.max_clips=300", "data.rated_fraction=1.0"]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rewards")
+    cfg = load_config(os.path.join(ROOT, "config.yaml"), REWARD_MICRO + [f"out_dir={out}"])
+    text_encoder = TextEncoder("minilm", 32)
+    codec = make_codec(cfg)
+    clap = load_or_fit_clap(cfg, text_encoder)
+    test = load_corpus(cfg["data"], "test", n=8)
+    return cfg, codec, text_encoder, clap, codec.encode(test.audio), test.captions

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from dragon import (A_theta, build_sets, dpo_loss, greedy_swap, kto_loss, leave_one_out, median_split, pair_up,
-                    paired_sets, rank_shard, set_vs_set)
+from dragon import (A_theta, build_sets, dpo_loss, greedy_swap, kto_loss, kto_reference_point, leave_one_out,
+                    median_split, pair_up, paired_sets, rank_shard, set_vs_set)
 from rewards import vendi_score
 
 sig = torch.sigmoid
@@ -12,59 +12,65 @@ sig = torch.sigmoid
 
 # ---- Eq. (6) DPO ------------------------------------------------------------------------------
 
+def dpo(e_theta_pos, e_ref_pos, e_theta_neg, e_ref_neg, beta, kappa=0.5):
+    """Mean Eq. (6) loss over pairs, from the four error vectors."""
+    per_pair, _ = dpo_loss(A_theta(e_theta_pos, e_ref_pos), A_theta(e_theta_neg, e_ref_neg), beta, kappa)
+    return per_pair.mean()
+
+
 def test_dpo_is_ln2_when_theta_equals_ref():
     e = torch.tensor([0.3, 0.1, 0.7])
-    loss, m = dpo_loss(e, e, e * 2, e * 2, beta=5000)
-    assert loss.item() == pytest.approx(math.log(2))
-    assert m["implicit_acc"] == 0.5 and m["A_pos"] == 0 and m["A_neg"] == 0
+    per_pair, logits = dpo_loss(A_theta(e, e), A_theta(e * 2, e * 2), beta=5000)
+    torch.testing.assert_close(per_pair, torch.full((3,), math.log(2)))
+    assert (logits == 0).all()
 
 
 def test_dpo_hand_value():
     # A+ = -0.001, A- = +0.001: -kappa beta (A+ - A-) = -0.5 * 5000 * (-0.002) = 5 -> log(1 + e^-5)
-    loss, m = dpo_loss(torch.tensor([0.199]), torch.tensor([0.2]), torch.tensor([0.301]), torch.tensor([0.3]),
-                       beta=5000, kappa=0.5)
-    assert loss.item() == pytest.approx(math.log1p(math.exp(-5)), rel=1e-4)
-    assert m["implicit_acc"] == 1.0
-    assert m["A_pos"] == pytest.approx(-0.001, abs=1e-7) and m["A_neg"] == pytest.approx(0.001, abs=1e-7)
+    per_pair, logits = dpo_loss(torch.tensor([-0.001]), torch.tensor([0.001]), beta=5000, kappa=0.5)
+    assert per_pair.item() == pytest.approx(math.log1p(math.exp(-5)), rel=1e-4)
+    assert logits.item() == pytest.approx(5.0, rel=1e-4)
 
 
 def test_dpo_gradient_signs():
     e_pos = torch.tensor([0.2, 0.25], requires_grad=True)
     e_neg = torch.tensor([0.3, 0.22], requires_grad=True)
-    loss, _ = dpo_loss(e_pos, e_pos.detach(), e_neg, e_neg.detach(), beta=5000)
-    loss.backward()
+    dpo(e_pos, e_pos.detach(), e_neg, e_neg.detach(), beta=5000).backward()
     assert (e_pos.grad > 0).all()      # lowering the positive's error lowers the loss
     assert (e_neg.grad < 0).all()      # raising the negative's error lowers the loss
     # a positive with lower error than the reference lowers the loss below ln 2
-    better, _ = dpo_loss(torch.tensor([0.199]), torch.tensor([0.2]), torch.tensor([0.3]), torch.tensor([0.3]), 5000)
+    better = dpo(torch.tensor([0.199]), torch.tensor([0.2]), torch.tensor([0.3]), torch.tensor([0.3]), 5000)
     assert better.item() < math.log(2)
 
 
 def test_dpo_reference_error_gets_no_gradient():
     e_ref = torch.tensor([0.2], requires_grad=True)
-    loss, _ = dpo_loss(torch.tensor([0.1], requires_grad=True), e_ref, torch.tensor([0.3]), torch.tensor([0.3]), 100)
-    loss.backward()
+    dpo(torch.tensor([0.1], requires_grad=True), e_ref, torch.tensor([0.3]), torch.tensor([0.3]), 100).backward()
     assert e_ref.grad is None or (e_ref.grad == 0).all()
 
 
 # ---- Eq. (8) KTO ------------------------------------------------------------------------------
 
 def test_kto_hand_values_with_z_clamped_at_zero():
-    e_ref = torch.full((4,), 0.2)
     A = torch.tensor([-0.002, 0.001, 0.0, 0.003])
     pos = torch.tensor([True, True, False, False])
-    loss, m = kto_loss(e_ref + A, e_ref, pos, beta=1000)
-    assert m["z"] == 0.0                                       # mean(-A) = -0.0005 < 0 -> clamped
-    expected = ((1 - sig(torch.tensor(2.0))) + (1 - sig(torch.tensor(-1.0))) + 0.5 + (1 - sig(torch.tensor(3.0)))) / 4
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    z = kto_reference_point(A)
+    assert z.item() == 0.0                                     # mean(-A) = -0.0005 < 0 -> clamped
+    per_example, _ = kto_loss(A, pos, beta=1000, z=z)
+    expected = torch.stack([1 - sig(torch.tensor(2.0)), 1 - sig(torch.tensor(-1.0)), torch.tensor(0.5),
+                            1 - sig(torch.tensor(3.0))])
+    torch.testing.assert_close(per_example, expected)
 
 
 def test_kto_reference_point_and_its_stop_gradient():
     e_ref = torch.full((2,), 0.2)
     e_theta = (e_ref + torch.tensor([-0.004, -0.002])).requires_grad_(True)
     pos = torch.tensor([True, False])
-    loss, m = kto_loss(e_theta, e_ref, pos, beta=1000, w_pos=1.0, w_neg=2.0)
-    assert m["z"] == pytest.approx(0.003, rel=1e-4)
+    A = A_theta(e_theta, e_ref)
+    z = kto_reference_point(A)
+    assert z.item() == pytest.approx(0.003, rel=1e-4) and not z.requires_grad
+    per_example, _ = kto_loss(A, pos, beta=1000, z=z, w_pos=1.0, w_neg=2.0)
+    loss = per_example.mean()
     # by hand, z a constant: x+ : 1 - sig(1000 (0.004 - 0.003)) ;  x- : 2 (1 - sig(-1000 (0.002 - 0.003)))
     expected = ((1 - sig(torch.tensor(1.0))) + 2 * (1 - sig(torch.tensor(1.0)))) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)

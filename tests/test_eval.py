@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 import torch
 
-from eval import human_study_stats, parse_reward, set_win_rate, win_rate
+from eval import human_study_stats, set_win_rate, win_rate
 
 
 @pytest.mark.parametrize("wins,rate,lower,p", [(253, 0.6024, 0.5615, 1.58e-5), (256, 0.6095, 0.5687, 4.15e-6)])
@@ -69,12 +69,6 @@ def test_set_win_rate_interval_covers_prompt_sampling():
     assert covered >= 24
 
 
-def test_parse_reward():
-    assert parse_reward("vendi/clap") == {"kind": "vendi", "encoder": "clap"}
-    assert parse_reward("fad_per_song/clap/text:alim") == {"kind": "fad_per_song", "encoder": "clap",
-                                                           "reference": "text:alim"}
-
-
 def test_eval_main_writes_table_json_plot_and_wavs(tmp_path):
     from eval import main
     from test_train import cfg_for
@@ -100,7 +94,7 @@ def test_a_model_against_itself_ties_on_every_reward(tmp_path):
     # Same prompts and same initial noise per prompt: the base model compared with itself makes
     # identical samples, so every instance reward ties per prompt and every set reward ties per
     # subset: win rate exactly 1/2, interval [1/2, 1/2], equal values.
-    from data import TextEncoder, make_codec
+    from encoders import TextEncoder, make_codec
     from eval import evaluate_models
     from model import load_model
     from pretrain import pretrain

@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 from conftest import text_batch, tiny_dit
 from dragon import Sets
 from model import load_checkpoint
-from pretrain import load_config, pretrain
+from launch import load_config
+from pretrain import pretrain
 from train import dragon_update, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,17 +245,22 @@ def test_config_errors_name_the_key(base_dir):
 
 def test_nan_reward_stops_and_keeps_the_last_good_checkpoint(base_dir, monkeypatch):
     import train as train_module
-    real, calls = train_module.score, []
+    real_build, calls = train_module.build_reward, []
 
-    def flaky(reward, latents, prompts):
-        calls.append(1)
-        r = real(reward, latents, prompts)
-        if len(calls) == 3:                       # base evaluation and round 1 fine, round 2 NaN
-            r = r.clone()
-            r[0] = float("nan")
-            train_module.check_finite_rewards(r, reward.name)
-        return r
-    monkeypatch.setattr(train_module, "score", flaky)
+    def build_flaky(*args, **kwargs):
+        reward = real_build(*args, **kwargs)
+        real_score = reward.score
+
+        def flaky(features, prompts=None):
+            calls.append(1)
+            r = real_score(features, prompts)
+            if len(calls) == 3:                   # base evaluation and round 1 fine, round 2 NaN
+                r = r.clone()
+                r[0] = float("nan")
+            return r
+        reward.score = flaky
+        return reward
+    monkeypatch.setattr(train_module, "build_reward", build_flaky)
     with pytest.raises(FloatingPointError, match=r"reward fad_per_song\[latent,audio:sd\] .*: examples \[0\] contain NaN"):
         train(cfg_for(base_dir, "dragon.rounds=4", "dragon.run_name=nan"))
     assert load_checkpoint(base_dir / "nan" / "dragon_state.pt")["round"] == 1

@@ -1,10 +1,11 @@
-"""Benchmark: the cost of one DRAGON round's generation and of scoring it with every reward,
-and what the sampler's settings do to the base model's generations.
+"""Measurements of the parts (benchmark.py runs the paper's experiments): the cost of one DRAGON
+round's generation and of scoring it with every reward, what the sampler's settings do to the base
+model's generations, and how well the listener (data.listen) hears known defects.
 
-    python bench.py config.yaml [section.key=value ...]
+    python measure.py config.yaml [section.key=value ...]
 
 Generates 80 clips (the paper's total batch) from held-out prompts with the base model and the
-configured sampler, then scores them with each reward of rewards.py and prints seconds per reward
+configured sampler, then scores them with each reward of eval.rewards and prints seconds per reward
 next to the generation time. Rewards' models (offline CLAP, aesthetics head) and reference
 statistics are fitted / cached on first use; that one-off cost is printed separately.
 
@@ -20,21 +21,15 @@ import time
 
 import torch
 
-from data import TextEncoder, listen, listening_summary, load_corpus, make_codec, prompt_set
+from data import load_corpus, prompt_set
+from encoders import TextEncoder, make_codec
+from listen import listen, listening_summary
 from model import load_model
-from pretrain import parse_args, pretrain, setup_distributed
+from launch import parse_args, setup_distributed
+from pretrain import pretrain
 from sampler import generate_latents
-from rewards import build_reward
+from rewards import build_reward, parse_reward
 
-REWARDS = [
-    dict(kind="aesthetics"),
-    dict(kind="clap_score"),
-    dict(kind="fad_per_song", encoder="latent", reference="audio:alim"),
-    dict(kind="fad_per_song", encoder="clap", reference="audio:alim"),
-    dict(kind="fad_per_song", encoder="clap", reference="text:alim"),
-    dict(kind="fad_dataset", encoder="clap", reference="audio:alim"),
-    dict(kind="vendi", encoder="clap"),
-]
 SAMPLER_VARIANTS = {                                                    # name -> overrides of config's sampler
     "config.yaml's sampler": {},
     "plain CFG (cfg_rescale 0)": {"cfg_rescale": 0.0},
@@ -47,7 +42,7 @@ SAMPLER_VARIANTS = {                                                    # name -
 }
 
 
-def main(cfg, n=80):
+def main(cfg, n=80, n_listener=200):
     _, _, device = setup_distributed(cfg)
     base = os.path.join(cfg["out_dir"], "base.pt")
     if not os.path.isfile(base):
@@ -67,19 +62,19 @@ def main(cfg, n=80):
     print(f"generate {n} clips ({cfg['sampler']['steps']} steps): {t_gen:.1f}s; decode to audio: {t_dec:.1f}s")
     print(f"| reward | type | setup (one-off) s | score {n} clips s | value |")
     print("| --- | --- | --- | --- | --- |")
-    for spec in REWARDS:
+    for spec in cfg["eval"]["rewards"]:
         c = copy.deepcopy(cfg)
-        c["reward"].update(spec)
+        c["reward"].update(parse_reward(spec))
         t0 = time.time()
         reward = build_reward(c, codec, text_encoder)
         t_setup = time.time() - t0
         t0 = time.time()
         features = reward.features(latents, prompts)
-        value = reward.set_score(features) if reward.is_set else reward.score(features, prompts).mean().item()
+        value = reward.set_score(features, prompts)
         print(f"| {reward.name} | {reward.type} | {t_setup:.1f} | {time.time() - t0:.2f} | {value:.4f} |", flush=True)
     sampler_variants(cfg, model, codec, text_encoder, prompts, T, device)
     if cfg["data"]["source"] == "synthetic":
-        listener_validation(cfg, codec)
+        listener_validation(cfg, codec, n_listener)
 
 
 def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
@@ -99,14 +94,9 @@ def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
         seconds = time.time() - t0
         heard = listening_summary(listen(codec.decode(latents), sr, prompts))
         r = reward.features(latents, prompts)
-        value = reward.set_score(r) if reward.is_set else reward.score(r, prompts).mean().item()
+        value = reward.set_score(r, prompts)
         print(f"| {name} | " + " | ".join(f"{heard[k]:.3f}" for k in keys) + f" | {value:.4f} | {seconds:.1f} |",
               flush=True)
-
-
-if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    main(parse_args(sys.argv[1:]))
 
 
 def listener_validation(cfg, codec, n=200):
@@ -127,3 +117,8 @@ def listener_validation(cfg, codec, n=200):
             has = torch.tensor([defect in d for d in defects])
             cells.append(f"{heard[defect][has].mean():.2f} / {heard[defect][~has].mean():.2f} ({int(has.sum())} with it)")
         print(f"| {name} | " + " | ".join(cells) + f" | {heard['register_match'].mean():.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main(parse_args(sys.argv[1:]))

@@ -1,0 +1,111 @@
+"""What every script does at launch: read config.yaml with `section.key=value` overrides (unknown
+keys and wrong types are errors), set up the device and torchrun, bf16 autocast, rank-0 logging.
+Plumbing only (compare nanoGPT's configurator.py and EDM's torch_utils/distributed.py); it imports
+nothing from this repository, and pretrain.py, train.py, eval.py, bench.py and benchmark.py
+import it.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+# =============================================================================================
+# Config: one YAML file, overridable as section.key=value; unknown keys and wrong types are errors
+# =============================================================================================
+
+def set_key(cfg, dotted, value, where):
+    """Set cfg[a][b] = value for dotted 'a.b', checking that the key exists and the type fits."""
+    keys = dotted.split(".")
+    node = cfg
+    for i, k in enumerate(keys):
+        if not isinstance(node, dict) or k not in node:
+            allowed = sorted(node) if isinstance(node, dict) else []
+            raise KeyError(f"{where}: unknown config key '{'.'.join(keys[:i + 1])}'; allowed here: {allowed}")
+        if i < len(keys) - 1:
+            node = node[k]
+    old = node[keys[-1]]
+    if isinstance(old, float) and isinstance(value, str):
+        try:
+            value = float(value)                 # YAML 1.1 reads 1e-5 (no dot) as a string
+        except ValueError:
+            pass
+    if isinstance(old, dict):
+        raise KeyError(f"{where}: '{dotted}' is a section; set one of its keys: {sorted(old)}")
+    if isinstance(old, bool) != isinstance(value, bool) or (
+            not isinstance(old, bool) and old is not None and not isinstance(value, type(old))
+            and not (isinstance(old, float) and isinstance(value, int))
+            and not (isinstance(old, list) and isinstance(value, tuple))):
+        raise TypeError(f"{where}: config key '{dotted}' must be {type(old).__name__} (default {old!r}), "
+                        f"got {type(value).__name__} {value!r}")
+    node[keys[-1]] = float(value) if isinstance(old, float) and not isinstance(value, bool) else value
+
+
+def load_config(path, overrides=()):
+    """The config dict from `path` with `key=value` overrides (values parsed as YAML)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"command-line override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        set_key(cfg, key.strip(), yaml.safe_load(value), "command line")
+    if cfg["model"]["latent_channels"] != cfg["codec"]["n_mels"] and cfg["codec"]["kind"] == "mel":
+        raise ValueError(f"model.latent_channels={cfg['model']['latent_channels']} must equal "
+                         f"codec.n_mels={cfg['codec']['n_mels']}")
+    return cfg
+
+
+def parse_args(argv):
+    if not argv or "=" in argv[0]:
+        raise SystemExit("usage: python SCRIPT.py config.yaml [section.key=value ...]")
+    return load_config(argv[0], argv[1:])
+
+
+# =============================================================================================
+# Device and torchrun
+# =============================================================================================
+
+def setup_distributed(cfg):
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; else one process."""
+    want = cfg["device"]
+    if want not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {want!r}")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is available")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def use_bf16(section, device):
+    """A section's `bf16: true` means bf16 autocast on CUDA; on the CPU the config runs float32.
+    (The functions below take the resolved flag, so tests can run the bf16 path on the CPU.)"""
+    return bool(section["bf16"]) and device.type == "cuda"
+
+
+def autocast(device, enabled):
+    """bf16 autocast on `device` when enabled, else a no-op (float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def log(rank, *args):
+    if rank == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def seeded_generator(seed, step, rank=0):
+    """A fresh torch.Generator per (seed, step, rank): every random draw of a training step comes
+    from it, so there is no RNG state to save and a resumed run draws what the uninterrupted run
+    drew. (DRAGON's rounds use rank 0 on every rank: all ranks draw the same global batch.)"""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
