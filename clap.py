@@ -6,6 +6,7 @@ cached in out_dir/rewards/clap.pt with the config it was fitted with. At real sc
 hf): transformers' ClapModel from a folder or cached hub name (e.g. laion/larger_clap_music).
 Both give window embeddings [B, windows, d] of audio and an embedding of each caption.
 """
+import functools
 import hashlib
 import math
 import os
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import caption_for, load_corpus
-from encoders import load_pretrained, make_codec
+from encoders import TextEncoder, load_pretrained, make_codec
 from model import load_checkpoint, save_atomic
 
 QUALITY_WORDS = {"off_scale": "with wrong notes", "detune": "out of tune", "hiss": "with background hiss",
@@ -59,19 +60,19 @@ class SmallClap(nn.Module):
 
 
 def fit_small_clap(cfg, mel_codec, text_encoder, rank=0):
-    """Fit SmallClap on the training split: each step pairs one random window of each clip with a
-    freshly phrased caption of its attributes (plus its defects in words, so the embedding
-    hears quality too). Returns (model, report with held-out retrieval accuracy)."""
+    """Fit SmallClap on the training split: each step pairs one random window of each clip with its
+    caption (synthetic data: a freshly phrased caption of its attributes plus its defects in words, so
+    the embedding hears quality too; real data: the caption of its file). Returns (model, report
+    with held-out retrieval accuracy)."""
     cc = cfg["clap"]
     g = torch.Generator().manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
     corpus = load_corpus(cfg["data"], "train")
-    if not corpus.attributes:
-        raise ValueError("clap.kind=small is fitted on the synthetic corpus; with data.source=folder "
-                         "use clap.kind=hf and a pretrained CLAP in clap.path")
     mel = torch.cat([mel_codec.encode(corpus.audio[i:i + 512]) for i in range(0, len(corpus), 512)])
 
     def describe(i):
+        if not corpus.attributes:                 # real data: the captions file's caption as written
+            return corpus.captions[i]
         words = [QUALITY_WORDS[d] for d in corpus.defects[i]]
         return caption_for(corpus.attributes[i], rng) + (", " + ", ".join(words) if words else "")
     variants = [[describe(i) for i in range(len(corpus))] for _ in range(cc["caption_variants"])]
@@ -110,15 +111,27 @@ def clap_step(model, opt, mel, states, cc, g, rng, bar):
 
 @torch.no_grad()
 def clap_retrieval(model, mel_codec, text_encoder, cfg, n=100):
-    """Held-out retrieval: each validation clip's embedding ranks the captions of n clips."""
-    corpus = load_corpus(cfg["data"], "valid", n=n)
+    """Held-out retrieval: each validation clip's embedding ranks the captions of n clips; a hit is
+    a top-ranked caption equal to the clip's own (windows of one real file share a caption). Real
+    data is checked on data.valid_captions, else data.test_captions."""
+    split = "valid"
+    if cfg["data"]["source"] == "folder":
+        split = "valid" if cfg["data"]["valid_captions"] else "test"
+        if not cfg["data"][f"{split}_captions"]:
+            raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: set "
+                             "data.valid_captions or data.test_captions")
+    corpus = load_corpus(cfg["data"], split, n=n)
+    idx = torch.linspace(0, len(corpus) - 1, min(n, len(corpus))).round().long().unique()   # spread over files
+    captions = [corpus.captions[i] for i in idx.tolist()]
     enc = ClapEncoder(model, mel_codec, text_encoder)
-    a = enc.audio_embedding(corpus.audio)
-    t = enc.text_embedding(corpus.captions)
+    a = enc.audio_embedding(corpus.audio[idx])
+    t = enc.text_embedding(captions)
     rank = (a @ t.T).argsort(dim=1, descending=True)
-    hits = rank == torch.arange(n)[:, None]
+    same = torch.tensor([[c == d for d in captions] for c in captions])
+    hits = torch.gather(same, 1, rank)
+    chance = float(same.float().mean())
     return {"top1": float(hits[:, :1].any(1).float().mean()), "top5": float(hits[:, :5].any(1).float().mean()),
-            "chance_top1": 1 / n, "chance_top5": 5 / n, "n": n}
+            "chance_top1": chance, "chance_top5": min(1.0, 5 * chance), "n": len(idx)}
 
 
 class ClapEncoder:
@@ -203,7 +216,14 @@ def reward_dir(cfg):
     return os.path.join(cfg["out_dir"], "rewards")
 
 
-def load_or_fit_clap(cfg, text_encoder, rank=0):
+@functools.lru_cache(maxsize=4)
+def clap_text_encoder(name, max_tokens):
+    """The offline CLAP's text tower input: the generator's text encoder, but with room for its
+    longer captions (attributes plus defect words), so no defect word is cut off."""
+    return TextEncoder(name, max_tokens)
+
+
+def load_or_fit_clap(cfg, rank=0):
     """The CLAP of the config: the offline SmallClap (fitted once, then loaded from
     out_dir/rewards/clap.pt) or a pretrained ClapModel from clap.path."""
     cc = cfg["clap"]
@@ -211,6 +231,7 @@ def load_or_fit_clap(cfg, text_encoder, rank=0):
         return HFClapEncoder(cc["path"], cc["window_seconds"], cc["hop_seconds"])
     if cc["kind"] != "small":
         raise ValueError(f"clap.kind must be 'small' or 'hf', got {cc['kind']!r}")
+    text_encoder = clap_text_encoder(cfg["text_encoder"]["name"], cc["max_tokens"])
     # its front end is the mel transform of the codec section (whatever codec the generator uses)
     mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)))
     path = os.path.join(reward_dir(cfg), "clap.pt")

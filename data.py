@@ -277,12 +277,13 @@ def render_clip(attrs, defects, sr, seconds, rng):
 @dataclass
 class Corpus:
     """A set of clips: audio [N, samples] (float32 tensor) and, per clip, caption, rating
-    (NaN when unrated), attributes and defects (empty dicts for real data)."""
+    (NaN when unrated), attributes and defects (synthetic data) or source file (real data)."""
     audio: torch.Tensor
     captions: list
     ratings: torch.Tensor
     attributes: list = field(default_factory=list)
     defects: list = field(default_factory=list)
+    files: list = field(default_factory=list)       # real data: the audio file each window was cut from
 
     def __len__(self):
         return len(self.captions)
@@ -341,19 +342,34 @@ def user_prompts(n, seed):
 # =============================================================================================
 
 def read_lines(path, what):
+    """(line number, text) of the entries of a list file: blank lines and '#' comments are skipped,
+    but the numbers are the file's own, so an error points at the right line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file not found: {path}")
     with open(path, encoding="utf-8") as f:
-        lines = [ln.rstrip("\n") for ln in f]
-    lines = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+        lines = [(i, ln.rstrip("\r\n")) for i, ln in enumerate(f, 1)]
+    lines = [(i, ln) for i, ln in lines if ln.strip() and not ln.startswith("#")]
     if not lines:
         raise ValueError(f"{what} file {path} has no entries")
     return lines
 
 
+def list_fingerprint(path):
+    """What a list file's contents depend on: its own text and the size and modification time of
+    every file it names (first tab-separated column, relative to the list file), so caches keyed by
+    it notice an edited list or a replaced audio file."""
+    root = os.path.dirname(os.path.abspath(path))
+    entries = []
+    for _, line in read_lines(path, "list"):
+        target = os.path.join(root, line.split("\t")[0])
+        st = os.stat(target) if os.path.isfile(target) else None
+        entries.append([line, st.st_size if st else None, st.st_mtime_ns if st else None])
+    return entries
+
+
 def read_prompts(path):
     """One prompt per line."""
-    return [p.strip() for p in read_lines(path, "prompt")]
+    return [p.strip() for _, p in read_lines(path, "prompt")]
 
 
 def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True):
@@ -362,8 +378,8 @@ def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True):
     `seconds`; a clip shorter than one window is an error, never a silent skip."""
     root = os.path.dirname(os.path.abspath(captions_file))
     window = int(sr * seconds)
-    audio, captions, ratings = [], [], []
-    for lineno, line in enumerate(read_lines(captions_file, "captions"), 1):
+    audio, captions, ratings, files = [], [], [], []
+    for lineno, line in read_lines(captions_file, "captions"):
         cols = line.split("\t")
         where = f"{captions_file}:{lineno}"
         if len(cols) not in (2, 3):
@@ -384,8 +400,9 @@ def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True):
             audio.append(a[:, start:start + window])
             captions.append(cols[1].strip())
             ratings.append(rating)
+            files.append(cols[0])
     a = torch.from_numpy(np.stack(audio))
-    return Corpus(a[:, 0] if mono else a, captions, torch.tensor(ratings, dtype=torch.float32))
+    return Corpus(a[:, 0] if mono else a, captions, torch.tensor(ratings, dtype=torch.float32), files=files)
 
 
 def load_corpus(data_cfg, split, n=None, restrict=None, p_defect=None):
@@ -414,11 +431,11 @@ def prompt_set(data_cfg, name):
         path = data_cfg["train_captions"]
         if not path:
             raise ValueError("data.train_captions must name a captions file when data.source=folder")
-        rows = [line.split("\t") for line in read_lines(path, "captions")]
-        for lineno, cols in enumerate(rows, 1):
+        rows = [(lineno, line.split("\t")) for lineno, line in read_lines(path, "captions")]
+        for lineno, cols in rows:
             if len(cols) not in (2, 3) or not cols[1].strip():
                 raise ValueError(f"{path}:{lineno}: expected 'path<TAB>caption[<TAB>rating]' with a caption")
-        return [cols[1].strip() for cols in rows]                  # one prompt per line, audio not loaded
+        return [cols[1].strip() for _, cols in rows]               # one prompt per line, audio not loaded
     if name == "train":
         return [clip_spec("train", i, data_cfg["seed"], data_cfg["p_defect"])[2] for i in range(data_cfg["n_train"])]
     if data_cfg["source"] == "folder":

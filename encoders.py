@@ -9,6 +9,7 @@ fail fast with a message naming the config key when absent; nothing is downloade
 """
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -187,6 +188,12 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode_new(self, prompts):
+        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        cut = sum(n > self.max_tokens for n in lengths)
+        if cut:                     # warned once per batch of new prompts, with the count
+            warnings.warn(f"text encoder: {cut} of {len(prompts)} prompts are longer than text_encoder.max_tokens="
+                          f"{self.max_tokens} tokens (longest {max(lengths)}) and are cut; raise "
+                          f"text_encoder.max_tokens to keep their ends")
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens,
                                return_tensors="pt").to(self.device)
         states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

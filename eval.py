@@ -89,7 +89,7 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
         for spec in ec["rewards"]:
             c = copy.deepcopy(cfg)
             c["reward"].update(parse_reward(spec))
-            reward = build_reward(c, codec, text_encoder)
+            reward = build_reward(c, codec)
             everyone = torch.arange(len(prompts))
             base_scores = reward.scores(reward.features(latents[set_name]["base"], prompts), prompts)
             for name in finetuned:

@@ -54,6 +54,15 @@ def load_config(path, overrides=()):
             raise ValueError(f"command-line override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         set_key(cfg, key.strip(), yaml.safe_load(value), "command line")
+    d = cfg["data"]
+    for key in ("train_captions", "valid_captions", "test_captions", "heldout_prompts", "user_prompts"):
+        if d[key] and d["source"] != "folder":
+            raise ValueError(f"data.{key}={d[key]!r} is only read with data.source=folder (source is {d['source']!r})")
+        if d[key] and not os.path.isfile(d[key]):
+            raise FileNotFoundError(f"data.{key}: file not found: {d[key]}")
+    if not cfg["data"]["mono"]:
+        raise ValueError("data.mono=false is not supported: the codec and the model take one channel; "
+                         "keep data.mono=true, which mixes stereo files to mono")
     if cfg["model"]["latent_channels"] != cfg["codec"]["n_mels"] and cfg["codec"]["kind"] == "mel":
         raise ValueError(f"model.latent_channels={cfg['model']['latent_channels']} must equal "
                          f"codec.n_mels={cfg['codec']['n_mels']}")

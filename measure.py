@@ -66,7 +66,7 @@ def main(cfg, n=80, n_listener=200):
         c = copy.deepcopy(cfg)
         c["reward"].update(parse_reward(spec))
         t0 = time.time()
-        reward = build_reward(c, codec, text_encoder)
+        reward = build_reward(c, codec)
         t_setup = time.time() - t0
         t0 = time.time()
         features = reward.features(latents, prompts)
@@ -80,7 +80,7 @@ def main(cfg, n=80, n_listener=200):
 def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
     """The base model's generations for the same prompts and noise under each sampler variant."""
     sr, n = cfg["data"]["sample_rate"], len(prompts)
-    reward = build_reward(cfg, codec, text_encoder)
+    reward = build_reward(cfg, codec)
     keys = ["median_rms", "full_scale", "clipping", "hiss", "dropout", "register_match"]
     print(f"\n| sampler ({n} held-out prompts, same noise) | " + " | ".join(keys) + f" | {reward.name} | s |")
     print("| --- " * (len(keys) + 3) + "|")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clap import load_or_fit_clap, reward_dir
-from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, load_corpus, read_prompts, resample
+from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, list_fingerprint, load_corpus, read_prompts, resample
 from model import load_checkpoint, save_atomic
 
 # =============================================================================================
@@ -117,15 +117,27 @@ def fit_aesthetics(cfg, embed_audio):
     ac = cfg["aesthetics"]
     corpus = load_corpus(cfg["data"], "train")
     rated = torch.isfinite(corpus.ratings).nonzero().flatten()[: ac["max_clips"]]
-    if len(rated) < 20:
-        raise ValueError(f"aesthetics: only {len(rated)} rated training clips; need at least 20")
+    unit = [corpus.files[i] for i in rated.tolist()] if corpus.files else rated.tolist()   # rated files or clips
+    if len(set(unit)) < 20:
+        how = ("add a 1-5 rating as a third tab-separated column to the lines of data.train_captions"
+               if corpus.files else "raise data.rated_fraction or data.n_train")
+        raise ValueError(f"aesthetics: only {len(set(unit))} rated training {'files' if corpus.files else 'clips'}; "
+                         f"need at least 20: {how}")
     X = torch.cat([embed_audio(corpus.audio[rated[i:i + 128]]) for i in range(0, len(rated), 128)])
     y = corpus.ratings[rated].double()
     mean, std = float(y.mean()), float(y.std())
     y = (y - mean) / std
-    perm = torch.randperm(len(rated), generator=torch.Generator().manual_seed(cfg["seed"]))
-    n_val = int(round(ac["val_fraction"] * len(rated)))
-    val, tr = perm[:n_val], perm[n_val:]
+    g = torch.Generator().manual_seed(cfg["seed"])
+    if corpus.files:                   # real data: all windows of a file fall on the same side of the split
+        files = sorted(set(unit))
+        held = {files[k] for k in torch.randperm(len(files), generator=g)[: max(1, round(ac["val_fraction"] *
+                                                                                       len(files)))].tolist()}
+        is_val = torch.tensor([u in held for u in unit])
+        val, tr = is_val.nonzero().flatten(), (~is_val).nonzero().flatten()
+    else:
+        perm = torch.randperm(len(rated), generator=g)
+        n_val = int(round(ac["val_fraction"] * len(rated)))
+        val, tr = perm[:n_val], perm[n_val:]
     groups = [f"{corpus.attributes[i]['instrument']}-{corpus.attributes[i]['register']}" if corpus.attributes
               else corpus.captions[i] for i in rated.tolist()]
     best = None
@@ -133,10 +145,13 @@ def fit_aesthetics(cfg, embed_audio):
         alpha = fit_kernel_ridge(X[tr], y[tr], ls, ac["ridge"])
         pred = rbf_kernel(X[val], X[tr], ls) @ alpha
         plcc = float(np.corrcoef(pred.numpy(), y[val].numpy())[0, 1])
-        if best is None or plcc > best[1]:
+        if best is None or (np.isfinite(plcc) and not plcc <= best[1]):      # an undefined PLCC never wins
             srcc = per_group_srcc(pred.numpy(), y[val].numpy(), [groups[i] for i in val.tolist()])
             best = (ls, plcc, srcc)
     ls, plcc, srcc = best
+    if not np.isfinite(plcc):
+        raise ValueError(f"aesthetics: the validation PLCC is undefined on {len(val)} held-out clips (their ratings or "
+                         f"predictions are constant); rate more files, with different ratings")
     alpha = fit_kernel_ridge(X, y, ls, ac["ridge"])       # refit on all rated clips
     return {"X": X, "alpha": alpha, "lengthscale": ls, "mean": mean, "std": std,
             "report": {"plcc": plcc, "srcc_per_prompt": srcc, "n_train": len(tr), "n_val": len(val), "lengthscale": ls}}
@@ -181,6 +196,10 @@ def reference_items(cfg, reference):
     if name in EXEMPLAR_RESTRICT and cfg["data"]["source"] == "synthetic":
         corpus = load_corpus(cfg["data"], f"exemplar_{name}", n=n, restrict=EXEMPLAR_RESTRICT[name], p_defect=0.0)
         return kind, corpus if kind == "audio" else corpus.captions
+    if name in EXEMPLAR_RESTRICT and not os.path.isfile(name):
+        raise ValueError(f"reward.reference={reference!r} names a synthetic exemplar set, but data.source="
+                         f"{cfg['data']['source']!r}: give audio:FILE.tsv or text:FILE.txt (for eval.py: the "
+                         f"references in eval.rewards)")
     if kind == "text":
         return kind, read_prompts(name)
     d = cfg["data"]
@@ -190,9 +209,13 @@ def reference_items(cfg, reference):
 def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
     """Gaussian statistics of the reference set's embeddings: audio references give frame
     embeddings, text references one CLAP text embedding per caption. Cached in out_dir/rewards
-    with metadata (encoder, windowing, sample rate, count); reused only when that matches."""
+    with metadata (encoder, windowing, sample rate, count; for a file reference its lines and the size
+    and modification time of every file it lists); reused only when that matches."""
     meta = {"reference": reference, "encoder": encoder.identity, "n_reference": cfg["reward"]["n_reference"],
             "data_seed": cfg["data"]["seed"], "source": cfg["data"]["source"]}
+    name = reference.partition(":")[2]
+    if os.path.isfile(name):                      # a file reference: keyed by its content and its files
+        meta["files"] = list_fingerprint(name)
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(reward_dir(cfg), f"ref_{reference.replace(':', '_').replace('/', '_')}.pt")
     if os.path.isfile(path):
@@ -386,13 +409,13 @@ def parse_reward(spec):
     return dict(zip(["kind", "encoder", "reference"], parts))
 
 
-def build_reward(cfg, codec, text_encoder, rank=0):
+def build_reward(cfg, codec, rank=0):
     """The reward named by config section `reward` (kind, encoder, reference)."""
     rc = cfg["reward"]
     name = reward_name(rc)
     paper_type, fixed_encoder, uses_reference, builder = REWARDS[rc["kind"]]
     encoder_name = fixed_encoder or rc["encoder"]
-    clap = load_or_fit_clap(cfg, text_encoder, rank) if encoder_name == "clap" else None
+    clap = load_or_fit_clap(cfg, rank) if encoder_name == "clap" else None
     frames = frame_features(codec, clap, encoder_name, name)
     ref = None
     if uses_reference:

@@ -52,7 +52,7 @@ def cfg(D_c, D_u, w, rescale=0.0):
 
     rescale = phi in [0, 1] (guidance rescale, Lin et al. 2024, Sec. 3.4, in its mean-and-std form
     for latents that are not zero-mean): extrapolating with w > 1 exaggerates the estimate's contrast,
-    which in log-mel latents means louder peaks (README: generations as loud as the data), so D_w
+    which in log-mel latents means louder peaks (RESULTS.md: the sampler table), so D_w
     is standardised to D_c's mean and standard deviation per example, then mixed back:
     D = phi (m_c + (D_w - m_w) s_c / s_w) + (1 - phi) D_w."""
     D_w = D_u + w * (D_c - D_u)

@@ -186,7 +186,7 @@ def set_up(cfg):
     run.text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
     if rank != 0:
         dist.barrier()
-    run.reward = build_reward(cfg, run.codec, run.text_encoder, rank)
+    run.reward = build_reward(cfg, run.codec, rank)
     if rank == 0 and world > 1:
         dist.barrier()
     check_dragon_config(cfg, run.reward)

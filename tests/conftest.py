@@ -61,6 +61,6 @@ def world(tmp_path_factory):
     cfg = load_config(os.path.join(ROOT, "config.yaml"), REWARD_MICRO + [f"out_dir={out}"])
     text_encoder = TextEncoder("minilm", 32)
     codec = make_codec(cfg)
-    clap = load_or_fit_clap(cfg, text_encoder)
+    clap = load_or_fit_clap(cfg)
     test = load_corpus(cfg["data"], "test", n=8)
     return cfg, codec, text_encoder, clap, codec.encode(test.audio), test.captions

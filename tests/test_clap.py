@@ -29,11 +29,11 @@ def test_fitted_reward_models_are_reused_and_refitted_when_their_config_changes(
     fits = []
     real = clap_module.fit_small_clap
     monkeypatch.setattr(clap_module, "fit_small_clap", lambda *a, **k: fits.append(1) or real(*a, **k))
-    again = load_or_fit_clap(cfg, text_encoder)
+    again = load_or_fit_clap(cfg)
     assert fits == [] and again.identity == clap.identity                 # loaded from disk
     changed = copy.deepcopy(cfg)
     changed["clap"]["steps"] = 5
-    load_or_fit_clap(changed, text_encoder)
+    load_or_fit_clap(changed)
     assert fits == [1]
 
 
@@ -73,7 +73,7 @@ def test_transformers_clap_backend_from_a_local_folder(world, tmp_path):
     c = copy.deepcopy(cfg)
     c["clap"].update(kind="hf", path=str(tmp_path / "clap"), window_seconds=0.5, hop_seconds=0.25)
     c["reward"].update(kind="clap_score")
-    reward = build_reward(c, codec, text_encoder)
+    reward = build_reward(c, codec)
     f = reward.features(latents, prompts)                    # 1 s clips resampled to 8 kHz: 3 windows
     assert f.shape == (8, 3, 16)
     torch.testing.assert_close(f.norm(dim=-1), torch.ones(8, 3))
@@ -82,4 +82,40 @@ def test_transformers_clap_backend_from_a_local_folder(world, tmp_path):
     assert s.shape == (8,) and (s.abs() <= 1 + 1e-6).all()
     c["clap"]["path"] = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="clap.path="):
-        build_reward(c, codec, text_encoder)
+        build_reward(c, codec)
+
+
+def folder_of_clips(tmp_path, n=24, rated=True):
+    """n synthetic clips written as WAV files with a captions file (ratings in the third column)."""
+    from data import synthetic_corpus, write_wav
+    clips = synthetic_corpus("train", n, 16000, 1.0, seed=3, p_defect=0.5)
+    lines = []
+    for i in range(n):
+        write_wav(tmp_path / f"clip {i}.wav", clips.audio[i].numpy(), 16000)
+        lines.append(f"clip {i}.wav\t{clips.captions[i]}" + (f"\t{clips.ratings[i]:.2f}" if rated else ""))
+    (tmp_path / "train.tsv").write_text("\n".join(lines[:18]) + "\n")
+    (tmp_path / "test.tsv").write_text("\n".join(lines[18:]) + "\n")
+    return tmp_path / "train.tsv", tmp_path / "test.tsv"
+
+
+def test_offline_clap_and_aesthetics_fit_on_a_folder_corpus(tmp_path):
+    from launch import load_config
+    train, test = folder_of_clips(tmp_path)
+    micro = ["data.source=folder", f"data.train_captions={train}", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
+             "clap.steps=20", "clap.batch_size=16", f"out_dir={tmp_path / 'out'}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "config.yaml"), micro)
+    with pytest.raises(ValueError, match="set data.valid_captions or data.test_captions"):
+        load_or_fit_clap(cfg)
+    cfg = load_config(os.path.join(root, "config.yaml"), micro + [f"data.test_captions={test}"])
+    clap = load_or_fit_clap(cfg)                         # 36 windows of 18 files, captions as written
+    assert clap.window_embeddings(torch.zeros(2, 8000)).shape[0] == 2
+    codec = make_codec(cfg)
+    with pytest.raises(ValueError, match=r"only 18 rated training files; need at least 20: add a 1-5 rating"):
+        build_reward(cfg, codec)                        # 36 rated windows, but 18 files
+    fad = copy.deepcopy(cfg)
+    fad["reward"].update(kind="fad_per_song", encoder="latent", reference="audio:alim")
+    with pytest.raises(ValueError, match="names a synthetic exemplar set, but data.source='folder'"):
+        build_reward(fad, codec)
+    fad["reward"]["reference"] = f"audio:{test}"                       # the user's exemplar files work
+    assert build_reward(fad, codec).type == "instance-to-distribution"

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import (ATTRIBUTES, Corpus, attributes_from_prompt, folder_corpus, load_audio, prompt_set, random_attributes,
-                  read_wav, render_clip, resample, synthetic_corpus, user_prompts, write_wav)
+from data import (ATTRIBUTES, Corpus, attributes_from_prompt, folder_corpus, list_fingerprint, load_audio, prompt_set,
+                  random_attributes, read_wav, render_clip, resample, synthetic_corpus, user_prompts, write_wav)
 
 SR = 16000
 
@@ -173,3 +173,14 @@ def test_random_attributes_respect_restrictions():
     for _ in range(50):
         a = random_attributes(rng, {"instrument": ["bell"], "tempo": ["fast", "slow"]})
         assert a["instrument"] == "bell" and a["tempo"] in ("fast", "slow")
+
+
+def test_list_files_report_their_own_line_numbers_and_fingerprint_their_files(tmp_path):
+    write_wav(tmp_path / "a.wav", 0.1 * np.random.default_rng(0).standard_normal(SR), SR)
+    (tmp_path / "caps.tsv").write_text("# my captions\n\na.wav\tsoft noise\r\n\n# one more\nb.wav\n")
+    with pytest.raises(ValueError, match=r"caps.tsv:6: expected 'path<TAB>caption"):
+        folder_corpus(tmp_path / "caps.tsv", SR, 1.0)
+    before = list_fingerprint(tmp_path / "caps.tsv")
+    assert [e[0] for e in before] == ["a.wav\tsoft noise", "b.wav"] and before[1][1:] == [None, None]
+    write_wav(tmp_path / "a.wav", 0.1 * np.random.default_rng(1).standard_normal(2 * SR), SR)   # replaced audio
+    assert list_fingerprint(tmp_path / "caps.tsv") != before

@@ -116,3 +116,9 @@ def test_text_encoder_loads_a_t5_encoder_from_a_folder(tmp_path):
 def test_missing_text_encoder_fails_fast_naming_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="text_encoder.name="):
         TextEncoder(str(tmp_path / "nowhere"), 16)
+
+
+def test_prompts_longer_than_max_tokens_warn_with_the_count():
+    enc = TextEncoder("minilm", 8)
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than text_encoder.max_tokens=8"):
+        enc(["a short prompt", "a rather long prompt about slow mellow strings in a minor key, with drums"])

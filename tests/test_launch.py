@@ -48,3 +48,13 @@ def test_usage_and_bf16_switch():
     with autocast(torch.device("cpu"), True):                       # the resolved flag runs on the CPU too
         y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
     assert y.dtype == torch.bfloat16
+
+
+def test_data_files_are_checked_and_stereo_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.test_captions: file not found: .*nope.tsv"):
+        load_config(CONFIG, ["data.source=folder", f"data.test_captions={tmp_path}/nope.tsv"])
+    (tmp_path / "t.tsv").write_text("a.wav\tx\n")
+    with pytest.raises(ValueError, match="data.valid_captions=.* is only read with data.source=folder"):
+        load_config(CONFIG, [f"data.valid_captions={tmp_path}/t.tsv"])
+    with pytest.raises(ValueError, match="data.mono=false is not supported"):
+        load_config(CONFIG, ["data.mono=false"])

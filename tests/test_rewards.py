@@ -94,7 +94,7 @@ def reward_for(world, **spec):
     cfg, codec, text_encoder, _, latents, prompts = world
     c = copy.deepcopy(cfg)
     c["reward"].update(spec)
-    reward = build_reward(c, codec, text_encoder)
+    reward = build_reward(c, codec)
     return reward, reward.features(latents, prompts), prompts
 
 
@@ -183,3 +183,21 @@ def test_reward_specs_take_paths_and_names_follow_the_table():
     rc = {"encoder": "latent", "reference": "text:sd"}
     assert [reward_name({**rc, "kind": k}) for k in REWARDS] == [
         "aesthetics", "clap_score", "fad_per_song[latent,text:sd]", "fad_dataset[latent,text:sd]", "vendi[latent]"]
+
+
+def test_adding_a_reward_is_one_row_in_the_table(world, monkeypatch):
+    """README's worked example: cosine of a clip's mean embedding to the exemplar set's mean."""
+    import rewards
+
+    def cosine_to_exemplars(cfg, codec, clap, frames, ref, name, rank):
+        mu = ref["mu"].float()
+        return {"score": lambda f, prompts=None: torch.nn.functional.cosine_similarity(f.mean(1), mu[None], dim=-1)}
+    monkeypatch.setitem(rewards.REWARDS, "cosine_exemplar", ("instance-to-distribution", None, True,
+                                                              cosine_to_exemplars))
+    reward, f, prompts = reward_for(world, kind="cosine_exemplar", encoder="latent", reference="audio:sd")
+    assert reward.name == "cosine_exemplar[latent,audio:sd]" and reward.type == "instance-to-distribution"
+    mu = rewards.reference_stats(world[0], LatentIdentity(world[0]), "audio:sd", None)["mu"].float()   # cached
+    expected = [float(torch.dot(x, mu) / (x.norm() * mu.norm())) for x in f.mean(1)]     # by hand, per clip
+    torch.testing.assert_close(reward.scores(f, prompts).per_example.float(), torch.tensor(expected), rtol=1e-5,
+                               atol=1e-6)
+    assert parse_reward("cosine_exemplar/latent/audio:sd")["kind"] == "cosine_exemplar"
