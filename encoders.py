@@ -184,16 +184,20 @@ class TextEncoder:
         self.model = load_pretrained(cls, path, "text_encoder.name").to(device).eval().requires_grad_(False)
         self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
         self.max_tokens, self.device = max_tokens, device
-        self.cache = {}
+        self.cache, self.warned = {}, False
+
+    def warn_if_cut(self, prompts):
+        """Warn once per encoder, with the count, when prompts are longer than max_tokens."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]] if prompts else [0]
+        cut = sum(n > self.max_tokens for n in lengths)
+        if cut and not self.warned:
+            self.warned = True
+            warnings.warn(f"text encoder: {cut} of {len(prompts)} prompts are longer than max_tokens={self.max_tokens} "
+                          f"tokens (longest {max(lengths)}) and are cut; raise text_encoder.max_tokens (or "
+                          f"clap.max_tokens for the CLAP's captions) to keep their ends")
 
     @torch.no_grad()
     def encode_new(self, prompts):
-        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
-        cut = sum(n > self.max_tokens for n in lengths)
-        if cut:                     # warned once per batch of new prompts, with the count
-            warnings.warn(f"text encoder: {cut} of {len(prompts)} prompts are longer than text_encoder.max_tokens="
-                          f"{self.max_tokens} tokens (longest {max(lengths)}) and are cut; raise "
-                          f"text_encoder.max_tokens to keep their ends")
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens,
                                return_tensors="pt").to(self.device)
         states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -205,6 +209,7 @@ class TextEncoder:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"text encoder: empty prompt {p!r}")
         new = sorted({p for p in prompts if p not in self.cache})
+        self.warn_if_cut(new)
         for i in range(0, len(new), batch_size):
             self.encode_new(new[i:i + batch_size])
         states = [self.cache[p] for p in prompts]

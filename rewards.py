@@ -217,7 +217,8 @@ def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
     if os.path.isfile(name):                      # a file reference: keyed by its content and its files
         meta["files"] = list_fingerprint(name)
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(reward_dir(cfg), f"ref_{reference.replace(':', '_').replace('/', '_')}.pt")
+    stem = f"{encoder.identity['kind']}_{reference.replace(':', '_').replace('/', '_')}"   # one per encoder: mel, small, ...
+    path = os.path.join(reward_dir(cfg), f"ref_{stem}.pt")
     if os.path.isfile(path):
         cached = load_checkpoint(path)
         if cached.get("meta_key") == key:

@@ -331,7 +331,8 @@ def write_samples(codec, latents, cfg, run_dir, rnd):
 
 def plot_log(log_path, png_path, name):
     """Left: the reward of the demonstrations per round and of held-out samples at each evaluation.
-    Right: the held-out win rate against the base model (same prompts, same noise)."""
+    Right: the held-out win rate against the base model (same prompts, same noise), with its 95%
+    bootstrap interval over prompts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -345,7 +346,13 @@ def plot_log(log_path, png_path, name):
     ax.set_ylabel(name)
     ax.legend()
     wins = [e for e in ev if "eval_win_rate" in e]
-    ax_win.plot([0] + [e["round"] for e in wins], [50] + [100 * e["eval_win_rate"] for e in wins], "o-", color="tab:green")
+    rate = [100 * e["eval_win_rate"] for e in wins]
+    bounds = [[100 * b for b in e.get("eval_win_ci", [e["eval_win_rate"]] * 2)] for e in wins]
+    ci = [[r - lo for r, (lo, _) in zip(rate, bounds)], [hi - r for r, (_, hi) in zip(rate, bounds)]]
+    ax_win.plot([0] + [e["round"] for e in wins], [50] + rate, "-", color="tab:green")
+    ax_win.errorbar([e["round"] for e in wins], rate, yerr=ci, fmt="o", color="tab:green", capsize=3,
+                    label="95% interval over prompts")
+    ax_win.legend(loc="lower right")
     ax_win.axhline(50, color="gray", ls="--", lw=1)
     ax_win.set_ylim(0, 100)
     ax_win.set_xlabel("DRAGON round")

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -120,5 +121,9 @@ def test_missing_text_encoder_fails_fast_naming_the_key(tmp_path):
 
 def test_prompts_longer_than_max_tokens_warn_with_the_count():
     enc = TextEncoder("minilm", 8)
-    with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than text_encoder.max_tokens=8"):
-        enc(["a short prompt", "a rather long prompt about slow mellow strings in a minor key, with drums"])
+    long = "a rather long prompt about slow mellow strings in a minor key, with drums"
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than max_tokens=8 tokens"):
+        enc(["a short prompt", long])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # once per encoder
+        enc([long + " and bells"])

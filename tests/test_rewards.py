@@ -201,3 +201,26 @@ def test_adding_a_reward_is_one_row_in_the_table(world, monkeypatch):
     torch.testing.assert_close(reward.scores(f, prompts).per_example.float(), torch.tensor(expected), rtol=1e-5,
                                atol=1e-6)
     assert parse_reward("cosine_exemplar/latent/audio:sd")["kind"] == "cosine_exemplar"
+
+
+def test_reference_caches_keep_one_file_per_encoder_and_follow_the_listed_files(world, tmp_path):
+    cfg, codec, _, clap, _, _ = world
+    calls = []
+
+    def counted(embed):
+        return lambda audio: calls.append(len(audio)) or embed(audio)
+    latent = counted(lambda audio: codec.encode(audio).transpose(1, 2))
+    windows = counted(lambda audio: clap.window_embeddings(codec.decode(codec.encode(audio))))
+    for _ in range(2):                                   # alternating encoders: each computed once
+        reference_stats(cfg, LatentIdentity(cfg), "audio:alim", latent)
+        reference_stats(cfg, clap, "audio:alim", windows)
+    assert len(calls) == 2
+    from data import synthetic_corpus, write_wav
+    clips = synthetic_corpus("test", 3, 16000, 1.0, seed=5)
+    for i in range(3):
+        write_wav(tmp_path / f"{i}.wav", clips.audio[i].numpy(), 16000)
+    ref = tmp_path / "ref.tsv"
+    ref.write_text("".join(f"{i}.wav\t{clips.captions[i]}\n" for i in range(3)))
+    assert reference_stats(cfg, LatentIdentity(cfg), f"audio:{ref}", latent)["count"] == 3
+    ref.write_text("0.wav\tjust one\n")                  # the list is cut: the cache must not answer
+    assert reference_stats(cfg, LatentIdentity(cfg), f"audio:{ref}", latent)["count"] == 1

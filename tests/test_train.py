@@ -137,7 +137,7 @@ def test_two_process_train_equals_one_process(base_dir):
     two = load_checkpoint(base_dir / "two" / "dragon_state.pt")["model"]
     for k in one:      # float32 sums in another order (DDP's all-reduce): agreement to rounding, not bits
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)
-    assert os.path.isfile(base_dir / "rewards" / "ref_audio_sd.pt")
+    assert os.path.isfile(base_dir / "rewards" / "ref_mel_audio_sd.pt")          # one file per encoder
 
 
 def ctrl_c_at_update(monkeypatch, n):
