@@ -7,7 +7,7 @@ the prompt's index), on each evaluation prompt set (held-out captions, user prom
 full inference sampler. For every reward in `eval.rewards`: the value for both models and the
 fine-tuned model's win rate with a 95% bootstrap interval (per prompt for instance-type rewards,
 ties count 1/2; over random prompt subsets for set rewards), and what a listener would notice in
-the same samples of both models (data.listen: loudness, clipping, hiss, dropouts, the prompt's
+the same samples of both models (listen.listen: loudness, clipping, hiss, dropouts, the prompt's
 pitch register), so that a reward gain bought by worse audio shows. Writes eval.md, eval.json,
 win_rates.png, radar.png and base-vs-fine-tuned WAV pairs next to the checkpoint.
 
@@ -108,7 +108,7 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
 
 
 def listening_rows(cfg, latents, codec):
-    """What a listener would notice (data.listen), per prompt set and model, from the same samples
+    """What a listener would notice (listen.listen), per prompt set and model, from the same samples
     the rewards scored: median RMS, share of samples at full scale, share of clips with hiss or
     dropouts, and how often the measured pitch register matches the prompt's."""
     rows = []

@@ -1,7 +1,7 @@
 """What every script does at launch: read config.yaml with `section.key=value` overrides (unknown
 keys and wrong types are errors), set up the device and torchrun, bf16 autocast, rank-0 logging.
 Plumbing only (compare nanoGPT's configurator.py and EDM's torch_utils/distributed.py); it imports
-nothing from this repository, and pretrain.py, train.py, eval.py, bench.py and benchmark.py
+nothing from this repository, and pretrain.py, train.py, eval.py, measure.py and benchmark.py
 import it.
 """
 import os

@@ -1,6 +1,6 @@
 """Measurements of the parts (benchmark.py runs the paper's experiments): the cost of one DRAGON
 round's generation and of scoring it with every reward, what the sampler's settings do to the base
-model's generations, and how well the listener (data.listen) hears known defects.
+model's generations, and how well the listener (listen.listen) hears known defects.
 
     python measure.py config.yaml [section.key=value ...]
 
@@ -10,7 +10,7 @@ next to the generation time. Rewards' models (offline CLAP, aesthetics head) and
 statistics are fitted / cached on first use; that one-off cost is printed separately.
 
 Then the same prompts and noise under sampler variants (SAMPLER_VARIANTS): what a listener
-would notice (data.listen: loudness, samples at full scale, hiss, dropouts, the prompt's
+would notice (listen.listen: loudness, samples at full scale, hiss, dropouts, the prompt's
 register) and the target reward (config section `reward`), next to the codec round trip of
 test clips.
 """
@@ -100,7 +100,7 @@ def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
 
 
 def listener_validation(cfg, codec, n=200):
-    """How well data.listen reads the synthetic world's known defects and attributes back from the
+    """How well listen.listen reads the synthetic world's known defects and attributes back from the
     audio, on test and validation clips as rendered and after the codec round trip: detection rate
     (true positives) and false alarms per defect, accuracy of the register."""
     clips = [load_corpus(cfg["data"], split, n=n) for split in ("test", "valid")]

@@ -127,7 +127,7 @@ def pretrain(cfg):
 
 def check_base(cfg, model, codec, text_encoder, device):
     """WAV samples from held-out prompts, and what a listener would notice in n_check generations
-    from held-out prompts next to the codec round trip of real clips (data.listen): loudness, samples at
+    from held-out prompts next to the codec round trip of real clips (listen.listen): loudness, samples at
     full scale, hiss, dropouts and, on the synthetic corpus, how often the measured pitch register
     matches the one the prompt names (chance: 1/3). Written to out_dir/check.json."""
     pc, sr = cfg["pretrain"], cfg["data"]["sample_rate"]

@@ -262,7 +262,7 @@ def gather(x, world):
 @torch.no_grad()
 def held_out(run, model):
     """Fresh samples on the held-out prompts with fixed seeds and the inference sampler: their
-    Scores, the set's reward (value), the latents, and what a listener would notice (data.listen:
+    Scores, the set's reward (value), the latents, and what a listener would notice (listen.listen:
     loudness, clipping, hiss, dropouts, the prompt's register)."""
     latents = generate_demos(run, model, run.eval_prompts, run.eval_seeds, run.cfg["sampler"])
     scores = run.reward.scores(run.reward.features(latents, run.eval_prompts), run.eval_prompts)
