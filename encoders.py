@@ -187,10 +187,13 @@ class TextEncoder:
         self.cache, self.warned = {}, False
 
     def warn_if_cut(self, prompts):
-        """Warn once per encoder, with the count, when prompts are longer than max_tokens."""
-        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]] if prompts else [0]
+        """Warn once per encoder, with the count, when prompts are longer than max_tokens (after the
+        warning, prompts are no longer tokenized twice)."""
+        if self.warned or not prompts:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
         cut = sum(n > self.max_tokens for n in lengths)
-        if cut and not self.warned:
+        if cut:
             self.warned = True
             warnings.warn(f"text encoder: {cut} of {len(prompts)} prompts are longer than max_tokens={self.max_tokens} "
                           f"tokens (longest {max(lengths)}) and are cut; raise text_encoder.max_tokens (or "

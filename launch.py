@@ -60,7 +60,7 @@ def load_config(path, overrides=()):
             raise ValueError(f"data.{key}={d[key]!r} is only read with data.source=folder (source is {d['source']!r})")
         if d[key] and not os.path.isfile(d[key]):
             raise FileNotFoundError(f"data.{key}: file not found: {d[key]}")
-    if not cfg["data"]["mono"]:
+    if not d["mono"]:
         raise ValueError("data.mono=false is not supported: the codec and the model take one channel; "
                          "keep data.mono=true, which mixes stereo files to mono")
     if cfg["model"]["latent_channels"] != cfg["codec"]["n_mels"] and cfg["codec"]["kind"] == "mel":
