@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from clap import clap_retrieval, fit_small_clap, load_or_fit_clap
+from clap import clap_retrieval, clap_text_encoder, fit_small_clap, load_or_fit_clap
 from encoders import make_codec
 from rewards import build_reward
 
@@ -39,9 +39,10 @@ def test_fitted_reward_models_are_reused_and_refitted_when_their_config_changes(
 
 def test_offline_clap_fit_does_not_depend_on_the_global_rng(world):
     # a benchmark fits CLAP after pre-training, train.py before anything: same config, same weights
-    cfg, codec, text_encoder, _, _, _ = world
+    cfg, codec, _, _, _, _ = world
     cfg = copy.deepcopy(cfg)
     cfg["clap"]["steps"] = 3
+    text_encoder = clap_text_encoder(cfg["text_encoder"]["name"], cfg["clap"]["max_tokens"])   # as load_or_fit_clap
     mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)))
     fits = []
     for seed in (1, 2):
