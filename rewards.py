@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +118,7 @@ def fit_aesthetics(cfg, embed_audio):
     ac = cfg["aesthetics"]
     corpus = load_corpus(cfg["data"], "train")
     rated = torch.isfinite(corpus.ratings).nonzero().flatten()[: ac["max_clips"]]
+    rated = rated[audible(corpus.audio[rated], "aesthetics: rated training clips")]
     unit = [corpus.files[i] for i in rated.tolist()] if corpus.files else rated.tolist()   # rated files or clips
     if len(set(unit)) < 20:
         how = ("add a 1-5 rating as a third tab-separated column to the lines of data.train_captions"
@@ -232,9 +234,10 @@ def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
                              f"(reward.encoder=clap), not '{cfg['reward']['encoder']}'")
         frames = encoder.text_embedding(items)
     else:
-        frames = torch.cat([embed_audio(items.audio[i:i + 128]).flatten(0, 1) for i in range(0, len(items), 128)])
+        audio = items.audio[audible(items.audio, f"reward.reference={reference}")]
+        frames = torch.cat([embed_audio(audio[i:i + 128]).flatten(0, 1) for i in range(0, len(audio), 128)])
     stats = gaussian_stats(frames)
-    stats["count"] = len(items)
+    stats["count"] = len(frames) if kind == "text" else len(audio)
     if rank == 0:
         save_atomic({"meta_key": key, "meta": meta, "stats": stats}, path)
     return stats
@@ -308,11 +311,26 @@ def resample_for(audio, sr_from, sr_to):
     return audio if sr_from == sr_to else torch.from_numpy(resample(audio.numpy(), sr_from, sr_to))
 
 
+SILENT = 1e-5          # peak below which a clip is silence
+
+
 def check_audible(audio, name):
     check_finite(audio, f"reward {name}")
-    silent = audio.abs().amax(dim=1) < 1e-5
+    silent = audio.abs().amax(dim=1) < SILENT
     if silent.any():
         raise ValueError(f"reward {name}: clips {silent.nonzero().flatten().tolist()} are silent")
+
+
+def audible(audio, what, peak=1e-3):
+    """Mask of the clips [N, samples] whose peak reaches -60 dBFS. Real songs have silent windows
+    (before the first note, after the last): they are left out of reference sets and rated clips,
+    with a warning (quieter windows can fall under SILENT after the codec round trip)."""
+    keep = audio.abs().amax(dim=1) >= peak
+    if not keep.any():
+        raise ValueError(f"{what}: all {len(audio)} clips are silent")
+    if not keep.all():
+        warnings.warn(f"{what}: left out {int((~keep).sum())} silent clips of {len(audio)}")
+    return keep
 
 
 def per_song_fad(frames, ref, name="fad_per_song"):

@@ -51,7 +51,7 @@ def train(cfg):
                   f"base model held-out reward {base.value:.4f}; listening {fmt(base.listening)}")
     bar = tqdm(total=dc["rounds"], initial=run.start, desc=f"DRAGON {run.reward.name}", disable=run.rank != 0,
                dynamic_ncols=True)
-    run.completed = run.start                # rounds whose update is applied
+    run.completed = run.logged = run.start   # rounds whose update is applied / whose log line is written
     try:
         for rnd in range(run.start, dc["rounds"]):
             g = seeded_generator(cfg["seed"], rnd)          # every random draw of the round
@@ -78,14 +78,16 @@ def train(cfg):
             for _ in range(dc["updates_per_round"]):        # paper: 1; each a fresh sigma / noise draw
                 metrics = dragon_update(run.model, run.train_model, run.ref_model, run.opt, latents, text, mask,
                                         sets, cfg, g, run.rank, run.world, run.device)
-            run.completed = rnd + 1
             # F10: log (and every eval_every rounds: held-out evaluation, WAV samples; checkpoints)
             entry = {"round": rnd + 1, "generator": "ref" if use_ref else "theta",
                      "reward": scores.of(torch.arange(2 * P)), "reward_pos": scores.of(sets.pos),
                      "reward_neg": scores.of(sets.neg), "n_pos": len(sets.pos), "n_neg": len(sets.neg), **metrics,
                      "t_generate": t1 - t0, "t_score": t2 - t1, "t_update": time.time() - t2}
+            run.completed = rnd + 1
             bookkeeping(run, entry, base, bar)
     except KeyboardInterrupt:
+        if run.completed > run.logged:       # stopped in the held-out evaluation: log the round without it
+            append_log(run, dict(entry, eval_interrupted=True))
         save_state(run, run.completed)
         log(run.rank, f"interrupted: saved round {run.completed} to {run.state_path}; run the same command to resume")
         return None
@@ -202,13 +204,16 @@ def set_up(cfg):
         run.model.load_state_dict(state["model"])
         run.opt.load_state_dict(state["optimizer"])
         run.start = state["round"]
+        if rank == 0:
+            resume_log(run.log_path, run.start)
         log(rank, f"resumed {run.state_path} at round {run.start}")
     elif rank == 0 and os.path.isfile(run.log_path):
         os.remove(run.log_path)
     run.train_model = torch.nn.parallel.DistributedDataParallel(run.model) if world > 1 else run.model
     run.train_prompts = prompt_set(cfg["data"], "train")
-    run.eval_prompts = prompt_set(cfg["data"], "heldout")[: dc["n_eval"]]
-    run.eval_seeds = [10_000 + i for i in range(len(run.eval_prompts))]
+    heldout = prompt_set(cfg["data"], "heldout")
+    run.eval_prompts = [heldout[i % len(heldout)] for i in range(dc["n_eval"])]   # cycled, with new seeds, when
+    run.eval_seeds = [10_000 + i for i in range(dc["n_eval"])]                    # the set is smaller
     run.T = run.codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
     run.demo_sampler = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])  # paper: inference sampler
     run.bf16 = use_bf16(dc, device)
@@ -285,14 +290,39 @@ def bookkeeping(run, entry, base, bar):
             entry.update(eval_win_rate=rate, eval_win_ci=[lo, hi])
         if run.rank == 0:
             write_samples(run.codec, ft.latents[: dc["n_wav"]], run.cfg, run.run_dir, rnd)
-    if rnd % dc["ckpt_every"] == 0 or rnd == dc["rounds"]:
-        save_state(run, rnd)
-    if run.rank == 0:
-        with open(run.log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+    append_log(run, entry)                   # the log line first, then the checkpoint: a kill -9 between the
+    if rnd % dc["ckpt_every"] == 0 or rnd == dc["rounds"]:   # two leaves a logged round that the resume redoes
+        save_state(run, rnd)                 # and whose line it drops (resume_log)
     bar.update(1)
     bar.set_postfix(r=f"{entry['reward']:.3f}", acc=f"{entry['implicit_acc']:.2f}",
                     **({"eval": f"{entry['eval_reward']:.3f}"} if "eval_reward" in entry else {}))
+
+
+def append_log(run, entry):
+    if run.rank == 0:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    run.logged = entry["round"]
+
+
+def resume_log(path, rnd):
+    """Keep the log lines of rounds 1..rnd, the ones the checkpoint holds (rewritten atomically):
+    rounds after it are redone by the resumed run and logged again; a line cut by a kill -9 goes too."""
+    if not os.path.isfile(path):
+        return
+    entries = []
+    for line in open(path):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:         # only the last line can be cut, and it is after the checkpoint
+            continue
+    kept = [e for e in entries if e["round"] <= rnd]
+    if [e["round"] for e in kept] != list(range(1, rnd + 1)):
+        raise RuntimeError(f"{path} does not hold rounds 1..{rnd} of the checkpoint once each; delete the run "
+                           f"folder to start over")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in kept)
+    os.replace(path + ".tmp", path)
 
 
 def save_state(run, rnd):

@@ -64,3 +64,33 @@ def world(tmp_path_factory):
     clap = load_or_fit_clap(cfg)
     test = load_corpus(cfg["data"], "test", n=8)
     return cfg, codec, text_encoder, clap, codec.encode(test.audio), test.captions
+
+
+# Command-line runs for the kill -9 tests: one thread, offline, output discarded
+CLI_ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def run_script(script, args):
+    """Run `python SCRIPT config.yaml ARGS` to the end; fails the test with its stderr when it fails."""
+    import subprocess
+    p = subprocess.run([sys.executable, script, "config.yaml", *args], cwd=ROOT, env=CLI_ENV,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def kill_9_when(script, args, ready, delay, timeout=300):
+    """Start `python SCRIPT config.yaml ARGS`, wait until ready() holds, then delay seconds, then
+    SIGKILL it (no handler runs: what a power cut or the OOM killer does). Asserts it was killed."""
+    import signal
+    import subprocess
+    import time
+    p = subprocess.Popen([sys.executable, script, "config.yaml", *args], cwd=ROOT, env=CLI_ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not ready():
+        assert p.poll() is None, f"{script} ended before the kill point"
+        assert time.time() - t0 < timeout, f"{script}: kill point not reached in {timeout}s"
+        time.sleep(0.01)
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, f"{script} ended before the kill"

@@ -2,6 +2,8 @@ import os
 
 import torch
 
+from conftest import kill_9_when, run_script
+
 from data import load_corpus
 from encoders import TextEncoder, make_codec
 from model import DiT, DiTConfig, load_checkpoint, load_model, loss_per_example
@@ -55,3 +57,36 @@ def test_pretraining_resumes_bit_exactly(tmp_path):
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_kill_9_and_resume_through_the_command_line(tmp_path):
+    """python pretrain.py killed with SIGKILL twice (just after its first checkpoint, and a moment
+    after a later one), then run again: the same weights, EMA and Adam state as an uninterrupted run."""
+    args = [*MICRO, "pretrain.steps=120", "pretrain.ckpt_every=10", "pretrain.n_samples=0", "pretrain.n_check=0"]
+    run_script("pretrain.py", [*args, f"out_dir={tmp_path / 'straight'}"])
+    killed = [*args, f"out_dir={tmp_path / 'killed'}"]
+    state = tmp_path / "killed" / "pretrain_state.pt"
+
+    def checkpoint_after(step):
+        def ready():
+            try:
+                return load_checkpoint(state)["step"] >= step
+            except (FileNotFoundError, RuntimeError, EOFError):    # not written yet
+                return False
+        return ready
+    kill_9_when("pretrain.py", killed, checkpoint_after(10), delay=0.0)
+    assert load_checkpoint(state)["step"] < 120
+    kill_9_when("pretrain.py", killed, checkpoint_after(40), delay=0.02)
+    assert load_checkpoint(state)["step"] < 120
+    run_script("pretrain.py", killed)
+    a = load_checkpoint(tmp_path / "straight" / "pretrain_state.pt")
+    b = load_checkpoint(state)
+    assert a["step"] == b["step"] == 120
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for k, v in a["optimizer"]["state"].items():
+        assert all(torch.equal(v[n], b["optimizer"]["state"][k][n]) for n in v), k
+    base_a, base_b = load_checkpoint(tmp_path / "straight" / "base.pt"), load_checkpoint(tmp_path / "killed" / "base.pt")
+    assert all(torch.equal(base_a["model"][k], base_b["model"][k]) for k in base_a["model"])

@@ -229,3 +229,10 @@ def test_reference_caches_keep_one_file_per_encoder_and_follow_the_listed_files(
     assert reference_stats(cfg, LatentIdentity(cfg), f"audio:{ref}", latent)["count"] == 3
     ref.write_text("0.wav\tjust one\n")                  # the list is cut: the cache must not answer
     assert reference_stats(cfg, LatentIdentity(cfg), f"audio:{ref}", latent)["count"] == 1
+    write_wav(tmp_path / "silence.wav", np.zeros(16000, dtype=np.float32), 16000)   # a song's silent end
+    ref.write_text("0.wav\ta\nsilence.wav\tb\n")
+    with pytest.warns(UserWarning, match=r"audio:.*ref.tsv: left out 1 silent clips of 2"):
+        assert reference_stats(cfg, clap, f"audio:{ref}", windows)["count"] == 1
+    ref.write_text("silence.wav\tb\n")
+    with pytest.raises(ValueError, match="all 1 clips are silent"):
+        reference_stats(cfg, clap, f"audio:{ref}", windows)

@@ -7,12 +7,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import text_batch, tiny_dit
+from conftest import kill_9_when, run_script, text_batch, tiny_dit
 from dragon import Sets
 from model import load_checkpoint
 from launch import load_config
 from pretrain import pretrain
-from train import dragon_update, train
+from train import dragon_update, resume_log, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["data.n_train=64", "data.n_test=8", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
@@ -169,6 +169,58 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(base_dir, monkeypatch)
     log = [json.loads(line) for line in open(base_dir / "resumed" / "log.jsonl")]
     assert [e["round"] for e in log] == [1, 2, 3, 4]
     assert (base_dir / "straight" / "reward_curve.png").is_file()
+
+
+def test_kill_9_and_resume_through_the_command_line(base_dir):
+    """python train.py killed with SIGKILL twice (right after a round's log line is written, before
+    its checkpoint; and a moment into a later round), then run again: the weights equal those of an
+    uninterrupted run and log.jsonl holds every round once."""
+    args = [*MICRO, f"out_dir={base_dir}", "dragon.rounds=6", "dragon.ckpt_every=2"]
+    run_script("train.py", [*args, "dragon.run_name=cli_straight"])
+    killed = [*args, "dragon.run_name=cli_killed"]
+    log_path = base_dir / "cli_killed" / "log.jsonl"
+
+    def logged(n):
+        return lambda: log_path.is_file() and len(log_path.read_text().splitlines()) >= n
+    kill_9_when("train.py", killed, logged(1), delay=0.0)      # round 1 logged, no checkpoint yet
+    kill_9_when("train.py", killed, logged(3), delay=0.05)     # in round 4, the checkpoint holds 2
+    run_script("train.py", killed)
+    a = load_checkpoint(base_dir / "cli_straight" / "dragon.pt")
+    b = load_checkpoint(base_dir / "cli_killed" / "dragon.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    straight = [json.loads(line) for line in open(base_dir / "cli_straight" / "log.jsonl")]
+    resumed = [json.loads(line) for line in open(log_path)]
+    assert [e["round"] for e in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [e["reward"] for e in resumed] == [e["reward"] for e in straight]
+    assert [e.get("eval_win_rate") for e in resumed] == [e.get("eval_win_rate") for e in straight]
+
+
+def test_ctrl_c_in_the_held_out_evaluation_logs_the_round_once(base_dir, monkeypatch):
+    import train as train_module
+    real, calls = train_module.held_out, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:                                     # the base model's, then round 2's evaluation
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(train_module, "held_out", interrupted)
+    assert train(cfg_for(base_dir, "dragon.rounds=3", "dragon.run_name=ctrlc_eval")) is None
+    monkeypatch.setattr(train_module, "held_out", real)
+    assert load_checkpoint(base_dir / "ctrlc_eval" / "dragon_state.pt")["round"] == 2
+    train(cfg_for(base_dir, "dragon.rounds=3", "dragon.run_name=ctrlc_eval"))
+    log = [json.loads(line) for line in open(base_dir / "ctrlc_eval" / "log.jsonl")]
+    assert [e["round"] for e in log] == [1, 2, 3] and log[1]["eval_interrupted"] and "eval_win_rate" in log[2]
+
+
+def test_resume_log_keeps_the_checkpointed_rounds(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)) + '{"round": 4, "rew')
+    resume_log(str(path), 2)                                    # checkpoint at 2; round 3 done; 4 cut by kill -9
+    assert [json.loads(line)["round"] for line in open(path)] == [1, 2]
+    with pytest.raises(RuntimeError, match="does not hold rounds 1..3"):
+        resume_log(str(path), 3)
 
 
 def test_bf16_loss_path_runs_on_the_cpu(monkeypatch):
