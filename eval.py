@@ -8,10 +8,10 @@ full inference sampler. For every reward in `eval.rewards`: the value for both m
 fine-tuned model's win rate with a 95% bootstrap interval (per prompt for instance-type rewards,
 ties count 1/2; over random prompt subsets for set rewards), and what a listener would notice in
 the same samples of both models (listen.listen: loudness, clipping, hiss, dropouts, the prompt's
-pitch register), so that a reward gain bought by worse audio shows. Writes eval.md, eval.json,
-win_rates.png, radar.png and base-vs-fine-tuned WAV pairs next to the checkpoint.
-
-Also the paper's human-study statistics for vote counts: human_study_stats(wins, n).
+pitch register), so that a reward gain bought by worse audio shows; and the paper's listening
+test with that listener as the voter (listen.preference on each pair of clips, ties dropped,
+human_study_stats on the votes). Writes eval.md, eval.json, win_rates.png, radar.png and
+base-vs-fine-tuned WAV pairs next to the checkpoint.
 """
 import copy
 import json
@@ -24,7 +24,7 @@ import torch
 
 from data import prompt_set, write_wav
 from encoders import TextEncoder, make_codec
-from listen import listen, listening_summary
+from listen import listen, listening_summary, preference
 from model import load_model
 from launch import parse_args, setup_distributed
 from sampler import generate_latents
@@ -77,7 +77,7 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     name to a model. The base model's samples and features are computed once and shared."""
     ec = cfg["eval"]
     T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
-    rows, latents = [], {}
+    rows, latents, audio = [], {}, {}
     for set_name in ec["prompt_sets"]:
         prompts = prompt_set(cfg["data"], set_name)[: ec["n_prompts"]]
         if len(prompts) < ec["n_prompts"]:
@@ -86,14 +86,17 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
         seeds = [20_000 + i for i in range(len(prompts))]                 # same noise for every model
         latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device)
                              for name, m in {"base": base, **finetuned}.items()}
+        audio[set_name] = {name: codec.decode(z) for name, z in latents[set_name].items()}   # decoded once
         for spec in ec["rewards"]:
             c = copy.deepcopy(cfg)
             c["reward"].update(parse_reward(spec))
             reward = build_reward(c, codec)
             everyone = torch.arange(len(prompts))
-            base_scores = reward.scores(reward.features(latents[set_name]["base"], prompts), prompts)
+            def scored(name):
+                return reward.scores(reward.features(latents[set_name][name], prompts, audio[set_name][name]), prompts)
+            base_scores = scored("base")
             for name in finetuned:
-                ft_scores = reward.scores(reward.features(latents[set_name][name], prompts), prompts)
+                ft_scores = scored(name)
                 v_base, v_ft = base_scores.of(everyone), ft_scores.of(everyone)
                 if reward.is_set:
                     rate, lo, hi = set_win_rate(ft_scores.of, base_scores.of, len(prompts))
@@ -104,20 +107,37 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
                              "n": len(prompts)})
                 print(f"{name:14.14s} {set_name:8s} {reward.name:34s} base {v_base:9.4f}  fine-tuned {v_ft:9.4f}  "
                       f"win {rate:6.1%} [{lo:.1%}, {hi:.1%}]", flush=True)
-    return rows, latents
+    return rows, latents, audio
 
 
-def listening_rows(cfg, latents, codec):
+def listening_rows(cfg, audio, sample_rate):
     """What a listener would notice (listen.listen), per prompt set and model, from the same samples
     the rewards scored: median RMS, share of samples at full scale, share of clips with hiss or
-    dropouts, and how often the measured pitch register matches the prompt's."""
-    rows = []
-    for set_name, by_model in latents.items():
+    dropouts, and how often the measured pitch register matches the prompt's. And the paper's
+    listening test by that listener: each fine-tuned clip against the base model's for the same
+    prompt and noise (listen.preference), ties dropped, with human_study_stats on the votes."""
+    rows, votes = [], []
+    for set_name, by_model in audio.items():
         prompts = prompt_set(cfg["data"], set_name)[: cfg["eval"]["n_prompts"]]
-        for name, z in by_model.items():
-            heard = listening_summary(listen(codec.decode(z), codec.sample_rate, prompts))
-            rows.append({"model": name, "prompts": set_name, **heard})
-    return rows
+        reports = {name: listen(a, sample_rate, prompts) for name, a in by_model.items()}
+        for name, report in reports.items():
+            rows.append({"model": name, "prompts": set_name, **listening_summary(report)})
+            if name != "base":
+                pref = preference(report, reports["base"])
+                wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
+                votes.append({"model": name, "prompts": set_name, "wins": wins, "decisive": decisive,
+                              "ties": len(pref) - decisive, **(human_study_stats(wins, decisive) if decisive else {})})
+    return rows, votes
+
+
+def votes_table(votes):
+    lines = ["| prompts | model | preferred / decisive pairs (ties) | win rate | p-value (one-sided) | 95% lower bound |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for v in votes:
+        stats = (f"{v['win_rate']:.1%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}" if v["decisive"]
+                 else "- | - | -")
+        lines.append(f"| {v['prompts']} | {v['model']} | {v['wins']} / {v['decisive']} ({v['ties']}) | {stats} |")
+    return "\n".join(lines)
 
 
 def listening_table(rows):
@@ -189,18 +209,20 @@ def main(cfg):
     finetuned = load_model(ckpt, map_location=device)[0].eval()
     codec = make_codec(cfg)
     text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
-    rows, latents = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder, device)
-    heard = listening_rows(cfg, latents, codec)
-    table = markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n" + listening_table(heard)
+    rows, _, audio = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder, device)
+    heard, votes = listening_rows(cfg, audio, codec.sample_rate)
+    table = (markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n" + listening_table(heard)
+             + "\n\nThe listening test (the listener prefers the clip with fewer defects, then the one in the "
+               "prompt's register; ties dropped):\n\n" + votes_table(votes))
     with open(os.path.join(out, "eval.md"), "w") as f:
         f.write(f"Fine-tuned {ckpt} against the base model\n\n{table}\n")
     with open(os.path.join(out, "eval.json"), "w") as f:
-        json.dump({"rewards": rows, "listening": heard}, f, indent=1)
+        json.dump({"rewards": rows, "listening": heard, "listening_test": votes}, f, indent=1)
     plot_win_rates(rows, os.path.join(out, "win_rates.png"))
     plot_radar(rows, os.path.join(out, "radar.png"))
     first = ec["prompt_sets"][0]
-    for name in latents[first]:
-        for i, a in enumerate(codec.decode(latents[first][name][: ec["n_wav"]])):
+    for name in audio[first]:
+        for i, a in enumerate(audio[first][name][: ec["n_wav"]]):
             write_wav(os.path.join(out, "eval_samples", f"{i:02d}_{name}.wav"), a, cfg["data"]["sample_rate"])
     print(table)
     print(f"wrote {out}/eval.md, eval.json, win_rates.png, radar.png, eval_samples/")

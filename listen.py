@@ -1,7 +1,8 @@
 """The listener: what a person would notice in a clip, read from the audio alone (it never sees the
 reward models). Loudness and samples at full scale, audible clipping, hiss and dropouts, and
 whether the melody's pitch register is the one the prompt asks for. pretrain.py, train.py and
-eval.py report it next to every reward, so a reward gain bought by worse audio shows.
+eval.py report it next to every reward, so a reward gain bought by worse audio shows; eval.py
+also runs the paper's paired listening test with it (preference).
 """
 import torch
 
@@ -80,3 +81,17 @@ def listening_summary(report):
         m = report["register_match"]
         out["register_match"] = float(m[~m.isnan()].mean())
     return out
+
+
+def preference(report_a, report_b):
+    """The listener's choice between clip a and clip b of the same prompt and noise, clip by clip
+    (two listen() reports): +1 prefers a, -1 prefers b, 0 no preference (a tie, dropped as the
+    paper drops ties). Audible defects decide first (fewer of clipping, hiss, dropout), then
+    following the prompt (the register it names)."""
+    def defects(r):
+        return r["clipping"] + r["hiss"] + r["dropout"]
+    pref = torch.sign(defects(report_b) - defects(report_a))
+    if "register_match" in report_a:
+        follows = torch.sign(report_a["register_match"].nan_to_num(0.0) - report_b["register_match"].nan_to_num(0.0))
+        pref = torch.where(pref == 0, follows, pref)
+    return pref

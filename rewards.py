@@ -259,8 +259,9 @@ class Scores:
 
 @dataclass
 class Reward:
-    """features(latents, prompts) -> per-example features, computed once per batch (the decode /
-    encode of Appendix F step 4); scores(features, prompts) -> Scores (step 5).
+    """features(latents, prompts[, audio]) -> per-example features, computed once per batch (the
+    decode / encode of Appendix F step 4; audio, when given, is codec.decode(latents), so a caller
+    that also listens decodes once); scores(features, prompts) -> Scores (step 5).
     Instance types give score(features, prompts) -> [B]; set types give set_scorer(features) ->
     r(members), cheap to call many times (dataset FAD sums per-example statistics once, so a swap
     costs one d x d eigendecomposition)."""
@@ -293,14 +294,14 @@ class Reward:
 def frame_features(codec, clap, encoder_name, reward_name):
     """The per-clip frame embeddings [B, frames, d] of the chosen encoder, from latents."""
     if encoder_name == "latent":
-        def features(latents, prompts=None):
+        def features(latents, prompts=None, audio=None):
             check_finite(latents, f"reward {reward_name}", "examples")
             return latents.float().transpose(1, 2)           # one embedding per latent frame
         return features
     if encoder_name == "clap":
-        def features(latents, prompts=None):
+        def features(latents, prompts=None, audio=None):       # audio: codec.decode(latents), when the caller has it
             check_finite(latents, f"reward {reward_name}", "examples")
-            audio = codec.decode(latents)
+            audio = codec.decode(latents) if audio is None else audio
             check_audible(audio, reward_name)
             return clap.window_embeddings(resample_for(audio, codec.sample_rate, clap.sample_rate))
         return features

@@ -270,8 +270,9 @@ def held_out(run, model):
     Scores, the set's reward (value), the latents, and what a listener would notice (listen.listen:
     loudness, clipping, hiss, dropouts, the prompt's register)."""
     latents = generate_demos(run, model, run.eval_prompts, run.eval_seeds, run.cfg["sampler"])
-    scores = run.reward.scores(run.reward.features(latents, run.eval_prompts), run.eval_prompts)
-    listening = listening_summary(listen(run.codec.decode(latents), run.codec.sample_rate, run.eval_prompts))
+    audio = run.codec.decode(latents)
+    scores = run.reward.scores(run.reward.features(latents, run.eval_prompts, audio), run.eval_prompts)
+    listening = listening_summary(listen(audio, run.codec.sample_rate, run.eval_prompts))
     return SimpleNamespace(scores=scores, value=scores.of(torch.arange(len(latents))), latents=latents,
                            listening=listening)
 

@@ -88,6 +88,9 @@ def test_eval_main_writes_table_json_plot_and_wavs(tmp_path):
                                                            ("user", "base"), ("user", "finetuned")]
     assert all(0 <= r["full_scale"] <= 1 and not r["register_match"] > 1 for r in heard)
     assert "What a listener would notice" in open(os.path.join(out, "eval.md")).read()
+    votes = json.load(open(os.path.join(out, "eval.json")))["listening_test"]
+    assert [(v["prompts"], v["model"]) for v in votes] == [("heldout", "finetuned"), ("user", "finetuned")]
+    assert all(v["decisive"] + v["ties"] == 6 and 0 <= v["wins"] <= v["decisive"] for v in votes)
 
 
 def test_a_model_against_itself_ties_on_every_reward(tmp_path):
@@ -105,9 +108,13 @@ def test_a_model_against_itself_ties_on_every_reward(tmp_path):
     base = load_model(os.path.join(tmp_path, "base.pt"))[0].eval()
     codec, text_encoder = make_codec(cfg), TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
     with torch.no_grad():
-        rows, latents = evaluate_models(cfg, base, {"itself": base, "again": base}, codec, text_encoder, torch.device("cpu"))
+        rows, latents, audio = evaluate_models(cfg, base, {"itself": base, "again": base}, codec, text_encoder,
+                                               torch.device("cpu"))
     assert [(r["model"], r["type"]) for r in rows] == [("itself", "instance-to-distribution"), ("again", "instance-to-distribution"),
                                                        ("itself", "distribution"), ("again", "distribution")]
     for r in rows:
         assert (r["win_rate"], r["ci_low"], r["ci_high"]) == (0.5, 0.5, 0.5) and r["finetuned"] == r["base"]
     assert torch.equal(latents["heldout"]["base"], latents["heldout"]["itself"])
+    from eval import listening_rows
+    _, votes = listening_rows(cfg, audio, codec.sample_rate)    # the listener cannot tell a model from itself
+    assert [(v["wins"], v["decisive"], v["ties"]) for v in votes] == [(0, 0, 6), (0, 0, 6)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import synthetic_corpus
-from listen import detect_defects, melody_pitch, register_of
+from listen import detect_defects, melody_pitch, preference, register_of
 
 SR = 16000
 
@@ -40,3 +40,16 @@ def test_detect_defects_finds_a_gap_and_hiss_but_not_short_pauses_between_notes(
     hiss = tone + 0.05 * np.random.default_rng(0).standard_normal(len(t))
     found = detect_defects(torch.tensor(np.stack([tone, gap, pauses, hiss]), dtype=torch.float32), SR)
     assert found == [set(), {"dropout"}, set(), {"hiss"}]
+
+
+def test_preference_by_hand():
+    """Defects decide first, then the register; equal clips tie (hand-made listen() reports)."""
+    def report(clipping, hiss, dropout, register):
+        return {"clipping": torch.tensor(clipping, dtype=torch.float), "hiss": torch.tensor(hiss, dtype=torch.float),
+                "dropout": torch.tensor(dropout, dtype=torch.float), "register_match": torch.tensor(register)}
+    a = report([0, 1, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0], [1.0, 1.0, 1.0, 0.0, float("nan"), 1.0])
+    b = report([1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0.0, 1.0, 1.0, 1.0, float("nan"), 0.0])
+    #          a cleaner | tie on defects, same register | a has a dropout | b follows the register
+    #          | nothing to tell them apart | a: 2 defects, b: 1
+    assert preference(a, b).tolist() == [1, 0, -1, -1, 0, -1]
+    assert preference(b, a).tolist() == [-1, 0, 1, 1, 0, 1]

@@ -62,7 +62,7 @@ def test_pretraining_resumes_bit_exactly(tmp_path):
 def test_kill_9_and_resume_through_the_command_line(tmp_path):
     """python pretrain.py killed with SIGKILL twice (just after its first checkpoint, and a moment
     after a later one), then run again: the same weights, EMA and Adam state as an uninterrupted run."""
-    args = [*MICRO, "pretrain.steps=120", "pretrain.ckpt_every=10", "pretrain.n_samples=0", "pretrain.n_check=0"]
+    args = [*MICRO, "pretrain.steps=300", "pretrain.ckpt_every=10", "pretrain.n_samples=0", "pretrain.n_check=0"]
     run_script("pretrain.py", [*args, f"out_dir={tmp_path / 'straight'}"])
     killed = [*args, f"out_dir={tmp_path / 'killed'}"]
     state = tmp_path / "killed" / "pretrain_state.pt"
@@ -75,13 +75,13 @@ def test_kill_9_and_resume_through_the_command_line(tmp_path):
                 return False
         return ready
     kill_9_when("pretrain.py", killed, checkpoint_after(10), delay=0.0)
-    assert load_checkpoint(state)["step"] < 120
+    assert load_checkpoint(state)["step"] < 300
     kill_9_when("pretrain.py", killed, checkpoint_after(40), delay=0.02)
-    assert load_checkpoint(state)["step"] < 120
+    assert load_checkpoint(state)["step"] < 300
     run_script("pretrain.py", killed)
     a = load_checkpoint(tmp_path / "straight" / "pretrain_state.pt")
     b = load_checkpoint(state)
-    assert a["step"] == b["step"] == 120
+    assert a["step"] == b["step"] == 300
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)

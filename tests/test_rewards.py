@@ -107,6 +107,12 @@ def test_clap_score_is_a_cosine(world):
     assert s.mean() > reward.score(f, prompts[1:] + prompts[:1]).mean()
 
 
+def test_features_from_the_callers_decode_equal_the_rewards_own(world):
+    codec, latents = world[1], world[4]
+    reward, f, prompts = reward_for(world, kind="clap_score")
+    assert torch.equal(reward.features(latents, prompts, codec.decode(latents)), f)
+
+
 def test_aesthetics_predictor_fits_ratings(world):
     reward, f, _ = reward_for(world, kind="aesthetics")
     from model import load_checkpoint
