@@ -267,13 +267,13 @@ def gather(x, world):
 @torch.no_grad()
 def held_out(run, model):
     """Fresh samples on the held-out prompts with fixed seeds and the inference sampler: their
-    Scores, the set's reward (value), the latents, and what a listener would notice (listen.listen:
+    Scores, the set's reward (value), the decoded audio, and what a listener would notice (listen.listen:
     loudness, clipping, hiss, dropouts, the prompt's register)."""
     latents = generate_demos(run, model, run.eval_prompts, run.eval_seeds, run.cfg["sampler"])
     audio = run.codec.decode(latents)
     scores = run.reward.scores(run.reward.features(latents, run.eval_prompts, audio), run.eval_prompts)
     listening = listening_summary(listen(audio, run.codec.sample_rate, run.eval_prompts))
-    return SimpleNamespace(scores=scores, value=scores.of(torch.arange(len(latents))), latents=latents,
+    return SimpleNamespace(scores=scores, value=scores.of(torch.arange(len(latents))), audio=audio,
                            listening=listening)
 
 
@@ -290,7 +290,7 @@ def bookkeeping(run, entry, base, bar):
             rate, lo, hi = win_rate(ft.scores.per_example.numpy(), base.scores.per_example.numpy())
             entry.update(eval_win_rate=rate, eval_win_ci=[lo, hi])
         if run.rank == 0:
-            write_samples(run.codec, ft.latents[: dc["n_wav"]], run.cfg, run.run_dir, rnd)
+            write_samples(ft.audio[: dc["n_wav"]], run.cfg, run.run_dir, rnd)
     append_log(run, entry)                   # the log line first, then the checkpoint: a kill -9 between the
     if rnd % dc["ckpt_every"] == 0 or rnd == dc["rounds"]:   # two leaves a logged round that the resume redoes
         save_state(run, rnd)                 # and whose line it drops (resume_log)
@@ -354,8 +354,7 @@ def fmt(listening):
     return ", ".join(f"{k} {v:.3f}" for k, v in listening.items())
 
 
-def write_samples(codec, latents, cfg, run_dir, rnd):
-    audio = codec.decode(latents)
+def write_samples(audio, cfg, run_dir, rnd):
     for i, a in enumerate(audio):
         write_wav(os.path.join(run_dir, "samples", f"round{rnd:04d}_{i:02d}.wav"), a, cfg["data"]["sample_rate"])
 
