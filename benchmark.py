@@ -1,13 +1,25 @@
-"""The reproduction benchmark at toy scale: one DRAGON run per reward, each against the base model.
+"""The paper's experiments at toy scale, from one command.
 
-    python benchmark.py config.yaml [section.key=value ...]
+    python benchmark.py config.yaml [benchmark.runs=[aesthetics,vendi_clap]] [section.key=value ...]
 
-For every target reward (and the paper's Fig. 2 ablation: DPO vs KTO, paired vs unpaired, on
-aesthetics) it fine-tunes the base model with train.py for benchmark.rounds rounds under
-out_dir/bench_<name>, then evaluates every fine-tuned model on every reward on held-out prompts
-against the base model (same prompts, same noise; eval.py). It prints the target-reward table
-next to the paper's 81.45% average win rate, with the cost of a round, and the cross-reward
-matrix. Writes out_dir/benchmark.md, benchmark.json, benchmark.png and benchmark_radar.png.
+1. One DRAGON run per target reward configuration the paper names (TARGETS, 16), each fine-tuned
+   from the same base model with train.py for benchmark.rounds rounds under out_dir/bench_<name>.
+2. The paper's ablations: Fig. 2 (DPO vs KTO x paired vs unpaired on aesthetics, ABLATIONS) and
+   Fig. 3 (demonstration steps: the same run with fewer demonstration steps, DEMO_STEPS, each
+   evaluated with the inference sampler).
+3. Every fine-tuned model evaluated on every reward on the held-out prompts against the base model
+   (same prompts, same noise; eval.py): the target table, the cross-reward matrix, the radar chart
+   (Fig. 1), and Fig. 7 (the aesthetics run's gain per bin of the base model's score).
+4. The D+ table: FAD of one round of the base model's demonstrations, of D+ built with the per-song
+   FAD reward and of D+ built with the dataset FAD reward, by both statistics.
+5. The listening-test analogue: the listener (listen.py: defects and the prompt's attributes, read
+   from the audio alone) votes between the base model and each of the paper's two human-study
+   models on benchmark.listen_prompts prompts, ties dropped, human_study_stats on the votes; and
+   the listener's own accuracy on corpus clips with known attributes and defects.
+
+benchmark.runs selects runs by name (default: all). A finished run is not retrained, so an
+interrupted benchmark continues. Writes out_dir/benchmark.md, benchmark.json, benchmark.png,
+benchmark_radar.png and benchmark_fig3_fig7.png, with the wall time of every stage.
 """
 import copy
 import json
@@ -19,29 +31,57 @@ import time
 import numpy as np
 import torch
 
+from data import prompt_set
 from encoders import TextEncoder, make_codec
-from eval import evaluate_models, plot_radar, plot_win_rates
+from listen import listen, preference, validate_on_corpus, validation_table
+from dragon import build_sets
+from eval import evaluate_models, human_study_stats, plot_radar, plot_win_rates, win_rate
 from model import load_model
-from launch import parse_args, set_key, setup_distributed
+from launch import parse_args, seeded_generator, set_key, setup_distributed
 from pretrain import pretrain
-from rewards import parse_reward
-from train import train
+from rewards import build_reward, parse_reward
+from sampler import generate_latents
+from train import sample_prompts, train
 
 PAPER_AVERAGE_WIN_RATE = 0.8145
+GREEDY = {"dragon.sets": "greedy"}           # set rewards: D+ / D- by pair swaps
 TARGETS = {   # run name: (the target reward's spec, as in eval.rewards; further train.py overrides)
     "aesthetics": ("aesthetics", {}),
     "clap_score": ("clap_score", {}),
-    "fad_song_latent": ("fad_per_song/latent/audio:alim", {}),
-    "fad_song_clap": ("fad_per_song/clap/audio:alim", {}),
-    "fad_song_text": ("fad_per_song/clap/text:alim", {}),
-    "fad_dataset": ("fad_dataset/clap/audio:alim", {"dragon.sets": "greedy"}),
-    "vendi": ("vendi/clap", {"dragon.sets": "greedy"}),
+    "fad_song_latent_alim": ("fad_per_song/latent/audio:alim", {}),        # the paper's VAE-PSFAD-ALIM
+    "fad_song_latent_sd": ("fad_per_song/latent/audio:sd", {}),
+    "fad_song_clap_alim": ("fad_per_song/clap/audio:alim", {}),
+    "fad_song_clap_sd": ("fad_per_song/clap/audio:sd", {}),
+    "fad_song_text_alim": ("fad_per_song/clap/text:alim", {}),             # text-only exemplars
+    "fad_song_text_sd": ("fad_per_song/clap/text:sd", {}),
+    "fad_dataset_latent_alim": ("fad_dataset/latent/audio:alim", GREEDY),
+    "fad_dataset_latent_sd": ("fad_dataset/latent/audio:sd", GREEDY),
+    "fad_dataset_clap_alim": ("fad_dataset/clap/audio:alim", GREEDY),
+    "fad_dataset_clap_sd": ("fad_dataset/clap/audio:sd", GREEDY),
+    "fad_dataset_text_alim": ("fad_dataset/clap/text:alim", GREEDY),
+    "fad_dataset_text_sd": ("fad_dataset/clap/text:sd", GREEDY),
+    "vendi_clap": ("vendi/clap", GREEDY),
+    "vendi_latent": ("vendi/latent", GREEDY),
 }
 ABLATIONS = {  # Fig. 2: loss x set construction on aesthetics (dpo + paired is the target run above)
     "aesthetics_kto_paired": ("aesthetics", {"dragon.loss": "kto"}),
     "aesthetics_dpo_unpaired": ("aesthetics", {"dragon.sets": "unpaired"}),
     "aesthetics_kto_unpaired": ("aesthetics", {"dragon.loss": "kto", "dragon.sets": "unpaired"}),
 }
+DEMO_STEPS = {  # Fig. 3: demonstrations from fewer sampler steps (the aesthetics target run uses sampler.steps)
+    "aesthetics_demo10": ("aesthetics", {"dragon.demo_steps": 10}),
+    "aesthetics_demo20": ("aesthetics", {"dragon.demo_steps": 20}),
+}
+ALL_RUNS = {**TARGETS, **ABLATIONS, **DEMO_STEPS}
+PAPER_LISTENING_TEST = {"aesthetics": (253, 420), "fad_song_latent_alim": (256, 420)}   # DRAGON-Aesthetics, -VAE-PSFAD-ALIM
+
+
+def selected_runs(cfg):
+    names = cfg["benchmark"]["runs"] or list(ALL_RUNS)
+    unknown = [n for n in names if n not in ALL_RUNS]
+    if unknown:
+        raise ValueError(f"benchmark.runs: unknown run(s) {unknown}; known: {list(ALL_RUNS)}")
+    return {n: ALL_RUNS[n] for n in names}
 
 
 def run_config(cfg, name, spec, overrides):
@@ -60,74 +100,237 @@ def round_costs(log_path, cfg):
     entries = [json.loads(line) for line in open(log_path)]
     costs = {k: float(np.median([e[k] for e in entries])) for k in ("t_generate", "t_score", "t_update")}
     dc = cfg["dragon"]
-    costs["forwards_per_s"] = dc["demo_steps"] * 2 * (2 * dc["prompts_per_round"]) / costs["t_generate"]
+    steps = dc["demo_steps"] or cfg["sampler"]["steps"]
+    costs["forwards_per_s"] = steps * 2 * (2 * dc["prompts_per_round"]) / costs["t_generate"]
     return costs
 
 
 def benchmark(cfg, runs=None):
-    """Fine-tune one model per run (benchmark.rounds DRAGON rounds each), then evaluate every model
-    on every reward on held-out prompts: the target column gives the table, the whole matrix the
-    radar chart. A finished run is resumed as finished, so an interrupted benchmark continues."""
+    """Everything in the module docstring; `runs` (name -> (spec, overrides)) overrides benchmark.runs."""
     _, _, device = setup_distributed(cfg)
+    t_start, seconds = time.time(), {}
     if not os.path.isfile(os.path.join(cfg["out_dir"], "base.pt")):
         pretrain(cfg)
-    runs = runs or {**TARGETS, **ABLATIONS}
-    t_start, checkpoints, costs = time.time(), {}, {}
+        seconds["pre-training"] = time.time() - t_start
+    runs = runs or selected_runs(cfg)
+    codec = make_codec(cfg)
+    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    base = load_model(os.path.join(cfg["out_dir"], "base.pt"), map_location=device)[0].eval()
+    checkpoints, costs = {}, {}
     for i, (name, (spec, overrides)) in enumerate(runs.items()):
         print(f"[{i + 1}/{len(runs)}] {name} ({time.time() - t_start:.0f}s so far)", flush=True)
         c = run_config(cfg, name, spec, overrides)
         t0 = time.time()
-        checkpoints[name] = train(c)
+        checkpoints[name] = train(c)           # the first run also fits and caches the reward models
         costs[name] = {"train_seconds": time.time() - t0,
                        **round_costs(os.path.join(c["out_dir"], c["dragon"]["run_name"], "log.jsonl"), c)}
+    seconds["DRAGON runs"] = sum(c["train_seconds"] for c in costs.values())
+
+    t0 = time.time()
+    with torch.no_grad():
+        dplus = dplus_table(cfg, base, codec, text_encoder, device)
+    seconds["D+ table"] = time.time() - t0
+
     print(f"evaluating {len(runs)} fine-tuned models against the base model", flush=True)
+    t0 = time.time()
     c = copy.deepcopy(cfg)
     specs = list(dict.fromkeys([*cfg["eval"]["rewards"], *(spec for spec, _ in runs.values())]))
     c["eval"].update(rewards=specs, prompt_sets=["heldout"])
-    codec = make_codec(c)
-    text_encoder = TextEncoder(c["text_encoder"]["name"], c["text_encoder"]["max_tokens"])
-    base = load_model(os.path.join(c["out_dir"], "base.pt"), map_location=device)[0].eval()
     models = {name: load_model(path, map_location=device)[0].eval() for name, path in checkpoints.items()}
     with torch.no_grad():
-        matrix = evaluate_models(c, base, models, codec, text_encoder, device)[0]
+        matrix, latents, audio = evaluate_models(c, base, models, codec, text_encoder, device)
+        bins = quality_bins(c, codec, latents["heldout"], audio["heldout"]) if "aesthetics" in models else []
     rows = []
     for name, (spec, _) in runs.items():
         row = [r for r in matrix if r["model"] == name][specs.index(spec)]     # the run's own target reward
-        rows.append({**row, "run": name, "ablation": name in ABLATIONS, **costs[name]})
-    report(cfg, rows, matrix, time.time() - t_start)
+        rows.append({**row, "run": name, "group": group_of(name), **costs[name]})
+    seconds["evaluation"] = time.time() - t0
+
+    t0 = time.time()
+    listeners = [n for n in cfg["benchmark"]["listen_runs"] if n in models]
+    with torch.no_grad():
+        votes = listening_test(cfg, base, {n: models[n] for n in listeners}, codec, text_encoder, device)
+        accuracy = validate_on_corpus(cfg["data"], codec) if cfg["data"]["source"] == "synthetic" else {}
+    seconds["listening test"] = time.time() - t0
+    seconds["total"] = time.time() - t_start
+    report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds)
     return rows
 
 
-def report(cfg, rows, matrix, seconds):
-    """benchmark.md / .json / .png: the target-reward table with round costs, then every run's win
-    rate on every reward (how optimising one reward moves the others); the radar draws the targets."""
-    targets = [r for r in rows if not r["ablation"]]
+def group_of(name):
+    return "target" if name in TARGETS else "Fig. 2" if name in ABLATIONS else "Fig. 3"
+
+
+# =============================================================================================
+# Fig. 7, the D+ table, the listening test
+# =============================================================================================
+
+def quality_bins(cfg, codec, latents, audio, n_bins=3):
+    """Fig. 7: the held-out prompts split into thirds by the base model's aesthetics score (low /
+    medium / high quality); per third the mean score of both models and the aesthetics run's win rate."""
+    c = copy.deepcopy(cfg)
+    c["reward"].update(parse_reward("aesthetics"))
+    reward = build_reward(c, codec)
+    prompts = prompt_set(cfg["data"], "heldout")[: cfg["eval"]["n_prompts"]]
+    base, ft = (reward.scores(reward.features(latents[n], prompts, audio[n]), prompts).per_example
+                for n in ("base", "aesthetics"))
+    order = base.argsort()
+    rows = []
+    for name, members in zip(("low", "medium", "high"), order.tensor_split(n_bins)):
+        rate, lo, hi = win_rate(ft[members].numpy(), base[members].numpy())
+        rows.append({"bin": name, "prompts": len(members), "base": float(base[members].mean()),
+                     "finetuned": float(ft[members].mean()), "win_rate": rate, "ci_low": lo, "ci_high": hi})
+    return rows
+
+
+def dplus_table(cfg, base, codec, text_encoder, device, encoders=("latent", "clap")):
+    """The paper's demonstration-set table: one round of the base model's demonstrations (round 1's
+    prompts and seeds, F1-F3), D+ built from it with per-song FAD (paired) and with dataset FAD
+    (greedy pair swaps), each set scored by both statistics: the mean per-song FAD of its clips and
+    its dataset FAD, against the same reference (reward.reference). The demonstration row is D1, the
+    first seed of every prompt, so that all three sets have one clip per prompt."""
+    dc = cfg["dragon"]
+    g = seeded_generator(cfg["seed"], 0)
+    prompts, seeds = sample_prompts(prompt_set(cfg["data"], "train"), dc["prompts_per_round"], g)
+    T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
+    sampler_cfg = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])
+    latents = generate_latents(base, prompts, seeds, T, text_encoder, sampler_cfg, device)
+    audio = codec.decode(latents)
+    P = dc["prompts_per_round"]
+    pairs = torch.stack([torch.arange(P), torch.arange(P) + P], dim=1)
+    rows = []
+    for encoder in encoders:
+        rewards = {}
+        for kind in ("fad_per_song", "fad_dataset"):
+            c = copy.deepcopy(cfg)
+            c["reward"].update(kind=kind, encoder=encoder)
+            reward = build_reward(c, codec)
+            rewards[kind] = reward.scores(reward.features(latents, prompts, audio), prompts)
+        song, dataset = rewards["fad_per_song"], rewards["fad_dataset"]
+        sets = {"demonstrations (D1)": pairs[:, 0],
+                "D+ by per-song FAD": build_sets("paired", pairs, song.per_example).pos,
+                "D+ by dataset FAD": build_sets("greedy", pairs, set_reward=dataset.of, generator=g).pos}
+        for name, members in sets.items():         # rewards are -FAD: report FAD
+            rows.append({"encoder": encoder, "reference": cfg["reward"]["reference"], "set": name,
+                         "clips": len(members), "per_song_fad": -song.of(members), "dataset_fad": -dataset.of(members)})
+    return rows
+
+
+def listening_test(cfg, base, models, codec, text_encoder, device):
+    """The paper's human study with the listener as the voter: the base model and each model on
+    benchmark.listen_prompts held-out prompts (cycled, with new seeds), same noise; the listener's
+    preference per pair (listen.preference), ties dropped; human_study_stats on the votes."""
+    n, sr = cfg["benchmark"]["listen_prompts"], codec.sample_rate
+    heldout = prompt_set(cfg["data"], "heldout")
+    prompts, seeds = [heldout[i % len(heldout)] for i in range(n)], [30_000 + i for i in range(n)]
+    T = codec.latent_length(int(sr * cfg["data"]["clip_seconds"]))
+
+    def heard(model):
+        return listen(codec.decode(generate_latents(model, prompts, seeds, T, text_encoder, cfg["sampler"], device)),
+                      sr, prompts)
+    reference = heard(base)
+    votes = []
+    for name, model in models.items():
+        pref = preference(heard(model), reference)
+        wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
+        votes.append({"model": name, "wins": wins, "decisive": decisive, "ties": n - decisive,
+                      **(human_study_stats(wins, decisive) if decisive else {})})
+    return votes
+
+
+# =============================================================================================
+# The report
+# =============================================================================================
+
+def report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds):
+    """benchmark.md / .json / .png: the tables in the paper's shape, with costs and wall times."""
+    targets = [r for r in rows if r["group"] == "target"]
     average = float(np.mean([r["win_rate"] for r in targets])) if targets else float("nan")
-    lines = ["| run | reward | type | base | fine-tuned | win rate [95% CI] | s/round gen / score / update | "
-             "forwards/s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | group | reward | type | base | fine-tuned | win rate [95% CI] | s/round gen / score / update | "
+             "forwards/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['reward']} | {r['type']} | {r['base']:.4f} | {r['finetuned']:.4f} | "
+        lines.append(f"| {r['run']} | {r['group']} | {r['reward']} | {r['type']} | {r['base']:.4f} | {r['finetuned']:.4f} | "
                      f"{r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] | "
                      f"{r['t_generate']:.1f} / {r['t_score']:.1f} / {r['t_update']:.2f} | {r['forwards_per_s']:.0f} |")
+    lines += ["", f"Average win rate over the {len(targets)} target rewards: {average:.2%} (paper: "
+              f"{PAPER_AVERAGE_WIN_RATE:.2%} over 20 rewards); {sum(r['ci_low'] > 0.6 for r in targets)} of "
+              f"{len(targets)} intervals above 60%."]
     rewards = list(dict.fromkeys(r["reward"] for r in matrix))
     lines += ["", "Win rate against the base model of each run (rows) on every reward (columns):", "",
               "| trained on | " + " | ".join(rewards) + " |", "| --- |" + " --- |" * len(rewards)]
     for model in dict.fromkeys(r["model"] for r in matrix):
         rate = {r["reward"]: r["win_rate"] for r in matrix if r["model"] == model}
         lines.append(f"| {model} | " + " | ".join(f"{rate[k]:.0%}" for k in rewards) + " |")
+    if bins:
+        lines += ["", "Fig. 7: the aesthetics run per third of the held-out prompts by the base model's score:", "",
+                  "| base quality | prompts | base | fine-tuned | win rate [95% CI] |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {b['bin']} | {b['prompts']} | {b['base']:.3f} | {b['finetuned']:.3f} | {b['win_rate']:.1%} "
+                  f"[{b['ci_low']:.1%}, {b['ci_high']:.1%}] |" for b in bins]
+    lines += ["", "The D+ table: one round of the base model's demonstrations and the positive sets built from it "
+              "(FAD, lower is better):", "", "| encoder | reference | set | clips | per-song FAD (mean) | dataset FAD |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {d['encoder']} | {d['reference']} | {d['set']} | {d['clips']} | {d['per_song_fad']:.4f} | "
+              f"{d['dataset_fad']:.4f} |" for d in dplus]
+    if votes:
+        lines += ["", f"The listening test ({cfg['benchmark']['listen_prompts']} held-out prompts per model; the "
+                  "listener prefers fewer defects, then more of the prompt's register and dynamics; ties dropped):", "",
+                  "| model | preferred / decisive (ties) | win rate | p-value | 95% lower bound | paper |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for v in votes:
+            paper = PAPER_LISTENING_TEST.get(v["model"])
+            paper = (f"{paper[0]} / {paper[1]} ({paper[0] / paper[1]:.2%}, p = "
+                     f"{human_study_stats(*paper)['p_value']:.1e})") if paper else "-"
+            stats = (f"{v['win_rate']:.2%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}" if v["decisive"]
+                     else "- | - | -")
+            lines.append(f"| {v['model']} | {v['wins']} / {v['decisive']} ({v['ties']}) | {stats} | {paper} |")
+    if accuracy:
+        lines += ["", "How well the listener hears corpus clips with known defects and attributes:", "",
+                  validation_table(accuracy)]
     peak = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GB (process)"
     if torch.cuda.is_available():
         peak += f", {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB (GPU)"
-    text = "\n".join(lines) + (f"\n\nAverage win rate over the {len(targets)} target rewards: {average:.2%} "
-                               f"(paper: {PAPER_AVERAGE_WIN_RATE:.2%} over 20 rewards). Wall time {seconds / 60:.1f} min, "
-                               f"{peak}.\n")
+    lines += ["", "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + f"; {peak}."]
+    text = "\n".join(lines) + "\n"
     print(text)
-    with open(os.path.join(cfg["out_dir"], "benchmark.md"), "w") as f:
+    out = cfg["out_dir"]
+    with open(os.path.join(out, "benchmark.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(cfg["out_dir"], "benchmark.json"), "w") as f:
-        json.dump({"rows": rows, "matrix": matrix, "average_win_rate": average, "seconds": seconds}, f, indent=1)
-    plot_win_rates(rows, os.path.join(cfg["out_dir"], "benchmark.png"))
-    plot_radar([r for r in matrix if r["model"] not in ABLATIONS], os.path.join(cfg["out_dir"], "benchmark_radar.png"))
+    with open(os.path.join(out, "benchmark.json"), "w") as f:
+        json.dump({"rows": rows, "matrix": matrix, "average_win_rate": average, "fig7": bins, "dplus": dplus,
+                   "listening_test": votes, "listener_accuracy": accuracy, "seconds": seconds}, f, indent=1)
+    plot_win_rates(rows, os.path.join(out, "benchmark.png"))
+    plot_radar([r for r in matrix if r["model"] in TARGETS], os.path.join(out, "benchmark_radar.png"))
+    plot_fig3_fig7(cfg, rows, bins, os.path.join(out, "benchmark_fig3_fig7.png"))
+
+
+def plot_fig3_fig7(cfg, rows, bins, path):
+    """Fig. 3 (win rate against demonstration steps) and Fig. 7 (gain per base-quality bin)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = {"aesthetics": cfg["sampler"]["steps"], **{n: o["dragon.demo_steps"] for n, (_, o) in DEMO_STEPS.items()}}
+    fig3 = sorted((steps[r["run"]], r) for r in rows if r["run"] in steps)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if fig3:
+        x = [s for s, _ in fig3]
+        y = np.array([r["win_rate"] for _, r in fig3]) * 100
+        err = np.array([[r["win_rate"] - r["ci_low"], r["ci_high"] - r["win_rate"]] for _, r in fig3]).T * 100
+        a.errorbar(x, y, yerr=err, marker="o", capsize=3)
+    a.axhline(50, color="gray", ls="--")
+    a.set(xlabel=f"demonstration steps (inference: {cfg['sampler']['steps']})", ylabel="aesthetics win rate (%)",
+          ylim=(0, 100), title="Fig. 3: demonstration steps")
+    if bins:
+        x = np.arange(len(bins))
+        a_base, a_ft = [v["base"] for v in bins], [v["finetuned"] for v in bins]
+        b.bar(x - 0.2, a_base, 0.4, label="base")
+        b.bar(x + 0.2, a_ft, 0.4, label="DRAGON aesthetics")
+        b.set_xticks(x, [f"{v['bin']}\n{v['win_rate']:.0%} win" for v in bins])
+        b.legend(fontsize=8)
+    b.set(xlabel="base model's aesthetics, per third of the prompts", ylabel="aesthetics score",
+          title="Fig. 7: where aesthetics helps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ fail fast with a message naming the config key when absent; nothing is downloade
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -79,7 +80,17 @@ class MelCodec:
 
     def decode(self, z):
         """z [B, n_mels, T] -> audio [B, T * hop], clipped at full scale as a WAV file holds it (so the
-        rewards hear the clipping a listener hears: an unclipped decode let DRAGON raise the level)."""
+        rewards hear the clipping a listener hears: an unclipped decode let DRAGON raise the level).
+        On a CPU the batch is split over one Python thread per core: clips decode independently and torch
+        releases the GIL, so this is bit-identical to one call and about 20% faster (Griffin-Lim's FFTs
+        use intra-op threads poorly)."""
+        workers = min(len(z), torch.get_num_threads()) if z.device.type == "cpu" else 1
+        if workers <= 1:
+            return self.decode_clips(z)
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.cat(list(pool.map(self.decode_clips, z.tensor_split(workers))))
+
+    def decode_clips(self, z):
         # clamp to the physically possible range: silence .. a full-scale tone (|STFT| <= n_fft)
         log_mel = (z.float() * self.log_scale + self.log_mean).clamp(math.log(self.log_floor), math.log(self.n_fft))
         mel = (log_mel.exp() - self.log_floor).clamp(min=0)

@@ -1,14 +1,19 @@
 """The listener: what a person would notice in a clip, read from the audio alone (it never sees the
 reward models). Loudness and samples at full scale, audible clipping, hiss and dropouts, and
-whether the melody's pitch register is the one the prompt asks for. pretrain.py, train.py and
-eval.py report it next to every reward, so a reward gain bought by worse audio shows; eval.py
-also runs the paper's paired listening test with it (preference).
+whether the clip follows the prompt where the audio tells reliably: the melody's pitch register
+and the dynamics (soft / loud). pretrain.py, train.py and eval.py report it next to every reward, so
+a reward gain bought by worse audio shows; eval.py and benchmark.py also run the paper's paired
+listening test with it (preference); validate measures how well it hears corpus clips whose
+attributes and defects are known.
 """
 import torch
 
-from data import attributes_from_prompt
+from data import attributes_from_prompt, load_corpus
 
 REGISTER_EDGES_HZ = (212.0, 600.0)   # between the median melody pitches of low / mid / high
+LOUD_PEAK = 0.25                     # 99th-percentile |sample| between soft (peaks 0.1-0.26) and loud (0.3-0.6) clips
+READABLE = ("register", "dynamics")  # prompt attributes the listener reads back (validate: 91-98% accurate);
+                                     # tempo, drums and instrument it does not (low melodies mask the kick drum)
 
 
 def melody_pitch(audio, sr, n_fft=4096, hop=512):
@@ -30,6 +35,13 @@ def register_of(audio, sr):
     """'low' / 'mid' / 'high' from the median melody pitch of each clip."""
     names = ["low", "mid", "high"]
     return [names[int(f > REGISTER_EDGES_HZ[0]) + int(f > REGISTER_EDGES_HZ[1])] for f in melody_pitch(audio, sr).tolist()]
+
+
+def dynamics_of(audio):
+    """'soft' / 'loud' from the 99th percentile of |sample| of each clip (a peak level, so sparse
+    and dense melodies of the same dynamics read alike)."""
+    peak = torch.as_tensor(audio).float().abs().quantile(0.99, dim=1)
+    return ["loud" if p > LOUD_PEAK else "soft" for p in peak.tolist()]
 
 
 def detect_defects(audio, sr, n_fft=512, hop=256, gap_frames=3):
@@ -56,8 +68,8 @@ def listen(audio, sr, prompts=None):
     """What a listener would notice, read from the audio alone, per clip [B]: loudness (RMS), the
     fraction of samples at or beyond full scale (clipped when written as PCM), audible clipping
     (over 1% of the samples at full scale), hiss and dropouts (detect_defects), and, for prompts
-    that name a register, whether the measured register matches (1.0 / 0.0; NaN where the prompt
-    names none)."""
+    that name a register or dynamics, whether the measured one matches (1.0 / 0.0; NaN where the
+    prompt names none)."""
     audio = torch.as_tensor(audio).float()
     defects = detect_defects(audio, sr)
     full_scale = (audio.abs() >= 1.0).float().mean(1)
@@ -65,21 +77,23 @@ def listen(audio, sr, prompts=None):
               "hiss": torch.tensor([float("hiss" in d) for d in defects]),
               "dropout": torch.tensor([float("dropout" in d) for d in defects])}
     if prompts is not None:
-        wanted = [attributes_from_prompt(p).get("register") for p in prompts]
-        report["register_match"] = torch.tensor([float(w == g) if w else float("nan")
-                                                 for w, g in zip(wanted, register_of(audio, sr))])
+        asked = [attributes_from_prompt(p) for p in prompts]
+        for attr, heard in (("register", register_of(audio, sr)), ("dynamics", dynamics_of(audio))):
+            report[f"{attr}_match"] = torch.tensor([float(a[attr] == h) if attr in a else float("nan")
+                                                    for a, h in zip(asked, heard)])
     return report
 
 
 def listening_summary(report):
     """Medians / rates over clips of a listen() report: median RMS, share of all samples at full
-    scale, share of clips with audible clipping / hiss / dropouts, share of register matches
-    (among prompts naming one)."""
+    scale, share of clips with audible clipping / hiss / dropouts, share of register and dynamics
+    matches (among prompts naming one)."""
     out = {"median_rms": float(report["rms"].median()), "full_scale": float(report["full_scale"].mean()),
            **{k: float(report[k].mean()) for k in ("clipping", "hiss", "dropout")}}
-    if "register_match" in report:
-        m = report["register_match"]
-        out["register_match"] = float(m[~m.isnan()].mean())
+    for key in (f"{attr}_match" for attr in READABLE):
+        if key in report:
+            m = report[key]
+            out[key] = float(m[~m.isnan()].mean())
     return out
 
 
@@ -87,11 +101,53 @@ def preference(report_a, report_b):
     """The listener's choice between clip a and clip b of the same prompt and noise, clip by clip
     (two listen() reports): +1 prefers a, -1 prefers b, 0 no preference (a tie, dropped as the
     paper drops ties). Audible defects decide first (fewer of clipping, hiss, dropout), then
-    following the prompt (the register it names)."""
+    following the prompt (more of the attributes it names that the audio matches: register, dynamics)."""
     def defects(r):
         return r["clipping"] + r["hiss"] + r["dropout"]
+
+    def follows(r):
+        return sum(r[f"{attr}_match"].nan_to_num(0.0) for attr in READABLE if f"{attr}_match" in r)
     pref = torch.sign(defects(report_b) - defects(report_a))
-    if "register_match" in report_a:
-        follows = torch.sign(report_a["register_match"].nan_to_num(0.0) - report_b["register_match"].nan_to_num(0.0))
-        pref = torch.where(pref == 0, follows, pref)
-    return pref
+    return torch.where(pref == 0, torch.sign(follows(report_a) - follows(report_b)), pref)
+
+
+def validate(audio, sr, captions, defects):
+    """How well the listener hears clips whose truth is known (corpus clips: captions name their
+    attributes, defects lists each clip's defects): per defect, the share of clips with it that are
+    heard to have it and the false alarms among clips without it; per readable attribute, the share
+    of clips heard as their caption says."""
+    heard = listen(audio, sr, captions)
+    out = {}
+    for defect in ("hiss", "dropout", "clipping"):
+        has = torch.tensor([defect in d for d in defects])
+        out[defect] = {"found": float(heard[defect][has].mean()), "false_alarms": float(heard[defect][~has].mean()),
+                       "clips_with_it": int(has.sum())}
+    for attr in READABLE:
+        m = heard[f"{attr}_match"]
+        out[attr] = {"accuracy": float(m[~m.isnan()].mean()), "clips": int((~m.isnan()).sum())}
+    return out
+
+
+def validate_on_corpus(data_cfg, codec):
+    """validate on the test and validation clips of the synthetic corpus, as rendered and after the
+    codec round trip (what the listener hears in generations has been through the codec)."""
+    clips = [load_corpus(data_cfg, split) for split in ("test", "valid")]
+    audio = torch.cat([c.audio for c in clips])
+    defects, captions = [d for c in clips for d in c.defects], [p for c in clips for p in c.captions]
+    return {name: validate(a, data_cfg["sample_rate"], captions, defects)
+            for name, a in (("as rendered", audio), ("codec round trip", codec.decode(codec.encode(audio))))}
+
+
+def validation_table(results):
+    """Markdown table of validate() results, one row per audio version (e.g. as rendered, codec round trip)."""
+    first = next(iter(results.values()))
+    defects = [k for k in first if "found" in first[k]]
+    attrs = [k for k in first if "accuracy" in first[k]]
+    lines = [f"| listener on {first[attrs[0]]['clips']} corpus clips | " + " | ".join(f"{d} found / false alarms"
+             for d in defects) + " | " + " | ".join(f"{a} accuracy" for a in attrs) + " |",
+             "| --- " * (1 + len(defects) + len(attrs)) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[d]['found']:.2f} / {r[d]['false_alarms']:.2f} ({r[d]['clips_with_it']} "
+                                                 f"with it)" for d in defects)
+                     + " | " + " | ".join(f"{r[a]['accuracy']:.3f}" for a in attrs) + " |")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ import torch
 
 from data import load_corpus, prompt_set
 from encoders import TextEncoder, make_codec
-from listen import listen, listening_summary
+from listen import listen, listening_summary, validate_on_corpus, validation_table
 from model import load_model
 from launch import parse_args, setup_distributed
 from pretrain import pretrain
@@ -42,7 +42,7 @@ SAMPLER_VARIANTS = {                                                    # name -
 }
 
 
-def main(cfg, n=80, n_listener=200):
+def main(cfg, n=80):
     _, _, device = setup_distributed(cfg)
     base = os.path.join(cfg["out_dir"], "base.pt")
     if not os.path.isfile(base):
@@ -74,14 +74,14 @@ def main(cfg, n=80, n_listener=200):
         print(f"| {reward.name} | {reward.type} | {t_setup:.1f} | {time.time() - t0:.2f} | {value:.4f} |", flush=True)
     sampler_variants(cfg, model, codec, text_encoder, prompts, T, device)
     if cfg["data"]["source"] == "synthetic":
-        listener_validation(cfg, codec, n_listener)
+        listener_validation(cfg, codec)
 
 
 def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
     """The base model's generations for the same prompts and noise under each sampler variant."""
     sr, n = cfg["data"]["sample_rate"], len(prompts)
     reward = build_reward(cfg, codec)
-    keys = ["median_rms", "full_scale", "clipping", "hiss", "dropout", "register_match"]
+    keys = ["median_rms", "full_scale", "clipping", "hiss", "dropout", "register_match", "dynamics_match"]
     print(f"\n| sampler ({n} held-out prompts, same noise) | " + " | ".join(keys) + f" | {reward.name} | s |")
     print("| --- " * (len(keys) + 3) + "|")
     test = load_corpus(cfg["data"], "test", n=n)
@@ -99,24 +99,10 @@ def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
               flush=True)
 
 
-def listener_validation(cfg, codec, n=200):
+def listener_validation(cfg, codec):
     """How well listen.listen reads the synthetic world's known defects and attributes back from the
-    audio, on test and validation clips as rendered and after the codec round trip: detection rate
-    (true positives) and false alarms per defect, accuracy of the register."""
-    clips = [load_corpus(cfg["data"], split, n=n) for split in ("test", "valid")]
-    audio = torch.cat([c.audio for c in clips])
-    defects = [d for c in clips for d in c.defects]
-    captions = [p for c in clips for p in c.captions]
-    print(f"\n| listener on {len(audio)} test + validation clips | hiss found / false alarms | dropout found / "
-          f"false alarms | clipping found / false alarms | register accuracy |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, a in (("as rendered", audio), ("codec round trip", codec.decode(codec.encode(audio)))):
-        heard = listen(a, cfg["data"]["sample_rate"], captions)
-        cells = []
-        for defect in ("hiss", "dropout", "clipping"):
-            has = torch.tensor([defect in d for d in defects])
-            cells.append(f"{heard[defect][has].mean():.2f} / {heard[defect][~has].mean():.2f} ({int(has.sum())} with it)")
-        print(f"| {name} | " + " | ".join(cells) + f" | {heard['register_match'].mean():.3f} |", flush=True)
+    audio (listen.validate), on test and validation clips as rendered and after the codec round trip."""
+    print("\n" + validation_table(validate_on_corpus(cfg["data"], codec)), flush=True)
 
 
 if __name__ == "__main__":

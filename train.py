@@ -58,9 +58,7 @@ def train(cfg):
             set_lr(run.opt, lr_at(rnd, dc))
             t0 = time.time()
             # F1: sample prompts, each with two seeds
-            picks = torch.randint(len(run.train_prompts), (P,), generator=g).tolist()
-            prompts = [run.train_prompts[i] for i in picks] * 2            # the batch: every prompt twice
-            seeds = torch.randint(2 ** 31, (2 * P,), generator=g).tolist()
+            prompts, seeds = sample_prompts(run.train_prompts, P, g)
             # F2: f_ref generates the round with probability p_ref, else f_theta
             use_ref = torch.rand(1, generator=g).item() < dc["p_ref"]
             # F3: generate demonstrations with the inference sampler (no grad, batched CFG)
@@ -98,6 +96,13 @@ def train(cfg):
 # =============================================================================================
 # Appendix F steps 3 and 7-9
 # =============================================================================================
+
+def sample_prompts(train_prompts, P, g):
+    """F1: P training prompts, each twice (prompt i and i + P are a pair), and a noise seed per clip."""
+    picks = torch.randint(len(train_prompts), (P,), generator=g).tolist()
+    seeds = torch.randint(2 ** 31, (2 * P,), generator=g).tolist()
+    return [train_prompts[i] for i in picks] * 2, seeds
+
 
 def generate_demos(run, generator_model, prompts, seeds, sampler_cfg):
     """F3 for the global batch: each rank samples its shard, then all ranks gather."""

@@ -1,27 +1,69 @@
 import json
 import os
 
-from benchmark import benchmark
+import pytest
+
+from benchmark import ALL_RUNS, TARGETS, benchmark, selected_runs
 from test_train import cfg_for
 
+MICRO_CLAP = ["data.clip_seconds=1.0", "data.n_test=12", "data.n_valid=16",   # 3 CLAP windows: per-song FAD needs 2
+              "clap.steps=20", "clap.batch_size=16", "reward.n_reference=32", "eval.n_prompts=12",
+              "benchmark.rounds=2", "benchmark.listen_prompts=16", "eval.rewards=[vendi/latent]"]
 
-def test_micro_benchmark_runs_instance_and_set_rewards_and_writes_the_table(tmp_path):
-    cfg = cfg_for(tmp_path, "benchmark.rounds=2", "eval.n_prompts=8", "eval.rewards=[vendi/latent]")
-    runs = {"fad": ("fad_per_song/latent/audio:sd", {}), "vendi": ("vendi/latent", {"dragon.sets": "greedy"})}
-    rows = benchmark(cfg, runs)
-    assert [r["run"] for r in rows] == ["fad", "vendi"]
-    assert rows[0]["type"] == "instance-to-distribution" and rows[1]["type"] == "distribution"
+
+def test_the_run_list_names_every_configuration_and_rejects_unknown_names(tmp_path):
+    assert len(TARGETS) == 16 and len(ALL_RUNS) == 21
+    assert list(selected_runs(cfg_for(tmp_path))) == list(ALL_RUNS)            # default: everything
+    assert list(selected_runs(cfg_for(tmp_path, "benchmark.runs=[vendi_clap,aesthetics]"))) == ["vendi_clap", "aesthetics"]
+    with pytest.raises(ValueError, match="benchmark.runs: unknown run.*'nope'"):
+        selected_runs(cfg_for(tmp_path, "benchmark.runs=[aesthetics,nope]"))
+
+
+def test_micro_benchmark_writes_every_table(tmp_path):
+    cfg = cfg_for(tmp_path, *MICRO_CLAP, "benchmark.runs=[aesthetics,fad_song_latent_sd,vendi_latent,aesthetics_demo10]",
+                  "benchmark.listen_runs=[aesthetics,fad_song_latent_sd]")
+    rows = benchmark(cfg)
+    assert [r["run"] for r in rows] == ["aesthetics", "fad_song_latent_sd", "vendi_latent", "aesthetics_demo10"]
+    assert [r["group"] for r in rows] == ["target", "target", "target", "Fig. 3"]
+    assert [r["type"] for r in rows[:3]] == ["instance", "instance-to-distribution", "distribution"]
     for r in rows:
         assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 and r["forwards_per_s"] > 0
-    log = [json.loads(line) for line in open(tmp_path / "bench_fad" / "log.jsonl")]
+    log = [json.loads(line) for line in open(tmp_path / "bench_vendi_latent" / "log.jsonl")]
     assert [e["round"] for e in log] == [1, 2]                      # benchmark.rounds, not dragon.rounds
     report = json.load(open(tmp_path / "benchmark.json"))
-    assert report["rows"][1]["run"] == "vendi"
-    # every run on every reward (eval.rewards and the runs' targets, deduplicated), held-out prompts
-    assert [(r["model"], r["reward"]) for r in report["matrix"]] == [
-        ("fad", "vendi[latent]"), ("vendi", "vendi[latent]"), ("fad", rows[0]["reward"]), ("vendi", rows[0]["reward"])]
-    assert report["matrix"][1]["win_rate"] == rows[1]["win_rate"]   # the table is the matrix's target column
-    for name in ("benchmark.png", "benchmark_radar.png"):
-        assert os.path.isfile(tmp_path / name), name
+    # every run on every reward (eval.rewards and the runs' targets, deduplicated); the table is its target column
+    assert [(r["model"], r["reward"]) for r in report["matrix"]][:4] == [
+        ("aesthetics", "vendi[latent]"), ("fad_song_latent_sd", "vendi[latent]"), ("vendi_latent", "vendi[latent]"),
+        ("aesthetics_demo10", "vendi[latent]")]
+    assert report["matrix"][2]["win_rate"] == rows[2]["win_rate"]
+
+    # Fig. 7: thirds of the prompts by the base model's score; together they are the aesthetics row
+    bins = report["fig7"]
+    assert [b["bin"] for b in bins] == ["low", "medium", "high"] and sum(b["prompts"] for b in bins) == 12
+    assert bins[0]["base"] <= bins[1]["base"] <= bins[2]["base"]
+    assert sum(b["win_rate"] * b["prompts"] for b in bins) / 12 == pytest.approx(rows[0]["win_rate"])
+    assert sum(b["base"] * b["prompts"] for b in bins) / 12 == pytest.approx(rows[0]["base"])
+
+    # the D+ table: the paired D+ takes the better clip of every pair, so its mean per-song FAD cannot
+    # exceed D1's; greedy swaps start from the better of D1 / D2 and only improve its dataset FAD
+    for encoder in ("latent", "clap"):
+        d = {r["set"]: r for r in report["dplus"] if r["encoder"] == encoder}
+        assert all(r["clips"] == 6 for r in d.values())               # one clip per prompt of the round
+        assert d["D+ by per-song FAD"]["per_song_fad"] <= d["demonstrations (D1)"]["per_song_fad"]
+        assert d["D+ by dataset FAD"]["dataset_fad"] <= d["demonstrations (D1)"]["dataset_fad"]
+
+    # the listening test: one vote per decisive pair, ties dropped, against the paper's counts
+    votes = report["listening_test"]
+    assert [v["model"] for v in votes] == ["aesthetics", "fad_song_latent_sd"]
+    for v in votes:
+        assert 0 <= v["wins"] <= v["decisive"] == 16 - v["ties"]
+    accuracy = report["listener_accuracy"]
+    assert set(accuracy) == {"as rendered", "codec round trip"}
+    assert set(accuracy["as rendered"]) == {"hiss", "dropout", "clipping", "register", "dynamics"}
+
     text = open(tmp_path / "benchmark.md").read()
-    assert "Average win rate over the 2 target rewards" in text and "| trained on |" in text
+    for needle in ("Average win rate over the 3 target rewards", "| trained on |", "Fig. 7", "The D+ table",
+                   "The listening test", "253 / 420", "register accuracy", "Wall time: "):
+        assert needle in text, needle
+    for name in ("benchmark.png", "benchmark_radar.png", "benchmark_fig3_fig7.png"):
+        assert os.path.isfile(tmp_path / name), name

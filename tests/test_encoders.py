@@ -46,6 +46,19 @@ def test_mel_codec_shapes_scale_and_round_trip(corpus):
     assert (rt - z)[loud].abs().median().item() < 0.05
 
 
+def test_mel_codec_decodes_each_clip_alone_in_the_threaded_batch(corpus):
+    """decode splits a CPU batch over threads: the audio must equal decoding every clip by itself."""
+    codec, threads = mel_codec(), torch.get_num_threads()
+    z = codec.encode(corpus.audio[:5])
+    try:
+        torch.set_num_threads(2)                               # two workers, uneven halves (3 + 2 clips)
+        batch = codec.decode(z)
+    finally:
+        torch.set_num_threads(threads)
+    alone = torch.cat([codec.decode_clips(z[i:i + 1]) for i in range(len(z))])
+    assert torch.equal(batch, alone)
+
+
 def test_mel_codec_encodes_a_tone_in_the_right_band():
     t = torch.arange(SR) / SR
     codec = mel_codec()

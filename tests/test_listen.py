@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import synthetic_corpus
-from listen import detect_defects, melody_pitch, preference, register_of
+from listen import detect_defects, dynamics_of, melody_pitch, preference, register_of, validate
 
 SR = 16000
 
@@ -42,14 +42,40 @@ def test_detect_defects_finds_a_gap_and_hiss_but_not_short_pauses_between_notes(
     assert found == [set(), {"dropout"}, set(), {"hiss"}]
 
 
+def test_measured_dynamics_match_the_attribute(corpus):
+    got = dynamics_of(corpus.audio)
+    want = [a["dynamics"] for a in corpus.attributes]
+    assert np.mean([g == w for g, w in zip(got, want)]) > 0.95
+    t = torch.arange(SR) / SR                                          # peaks 0.15 and 0.5: soft, loud
+    assert dynamics_of(torch.stack([a * torch.sin(2 * math.pi * 440 * t) for a in (0.15, 0.5)])) == ["soft", "loud"]
+
+
+def test_validate_counts_by_hand():
+    """Four tones with known truth: the listener's rates, counted by hand."""
+    t = torch.arange(2 * SR) / SR
+    low, high = 0.15 * torch.sin(2 * math.pi * 110 * t), 0.5 * torch.sin(2 * math.pi * 880 * t)
+    hissy = high + 0.1 * torch.randn(len(t), generator=torch.Generator().manual_seed(0))
+    audio = torch.stack([low, high, hissy, low])
+    captions = ["soft low flute", "loud high flute", "loud high flute", "loud mid-range flute"]
+    defects = [{}, {"hiss": 1.0}, {"hiss": 1.0}, {}]                   # clip 1's "hiss" is not in the audio
+    v = validate(audio, SR, captions, defects)
+    assert v["hiss"] == {"found": 0.5, "false_alarms": 0.0, "clips_with_it": 2}
+    assert v["register"] == {"accuracy": 0.75, "clips": 4}            # the last clip is low, not mid
+    assert v["dynamics"] == {"accuracy": 0.75, "clips": 4}            # and soft, not loud
+
+
 def test_preference_by_hand():
-    """Defects decide first, then the register; equal clips tie (hand-made listen() reports)."""
-    def report(clipping, hiss, dropout, register):
+    """Defects decide first, then how many named attributes match; equal clips tie (hand-made listen() reports)."""
+    def report(clipping, hiss, dropout, register, dynamics):
         return {"clipping": torch.tensor(clipping, dtype=torch.float), "hiss": torch.tensor(hiss, dtype=torch.float),
-                "dropout": torch.tensor(dropout, dtype=torch.float), "register_match": torch.tensor(register)}
-    a = report([0, 1, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0], [1.0, 1.0, 1.0, 0.0, float("nan"), 1.0])
-    b = report([1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0.0, 1.0, 1.0, 1.0, float("nan"), 0.0])
-    #          a cleaner | tie on defects, same register | a has a dropout | b follows the register
-    #          | nothing to tell them apart | a: 2 defects, b: 1
-    assert preference(a, b).tolist() == [1, 0, -1, -1, 0, -1]
-    assert preference(b, a).tolist() == [-1, 0, 1, 1, 0, 1]
+                "dropout": torch.tensor(dropout, dtype=torch.float), "register_match": torch.tensor(register),
+                "dynamics_match": torch.tensor(dynamics)}
+    nan = float("nan")
+    a = report([0, 1, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0], [1.0, 1.0, 1.0, 0.0, nan, 1.0, 1.0],
+               [1.0, 1.0, 1.0, 1.0, nan, 1.0, 0.0])
+    b = report([1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0], [0.0, 1.0, 1.0, 1.0, nan, 0.0, 0.0],
+               [1.0, 1.0, 1.0, 1.0, nan, 1.0, 1.0])
+    #          a cleaner | tie on defects, same matches | a has a dropout | b follows the register
+    #          | nothing to tell them apart | a: 2 defects, b: 1 | one match each (register vs dynamics)
+    assert preference(a, b).tolist() == [1, 0, -1, -1, 0, -1, 0]
+    assert preference(b, a).tolist() == [-1, 0, 1, 1, 0, 1, 0]
