@@ -8,7 +8,7 @@ full inference sampler. For every reward in `eval.rewards`: the value for both m
 fine-tuned model's win rate with a 95% bootstrap interval (per prompt for instance-type rewards,
 ties count 1/2; over random prompt subsets for set rewards), and what a listener would notice in
 the same samples of both models (listen.listen: loudness, clipping, hiss, dropouts, the prompt's
-pitch register), so that a reward gain bought by worse audio shows; and the paper's listening
+pitch register and dynamics), so that a reward gain bought by worse audio shows; and the paper's listening
 test with that listener as the voter (listen.preference on each pair of clips, ties dropped,
 human_study_stats on the votes). Writes eval.md, eval.json, win_rates.png, radar.png and
 base-vs-fine-tuned WAV pairs next to the checkpoint.
@@ -212,8 +212,8 @@ def main(cfg):
     rows, _, audio = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder, device)
     heard, votes = listening_rows(cfg, audio, codec.sample_rate)
     table = (markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n" + listening_table(heard)
-             + "\n\nThe listening test (the listener prefers the clip with fewer defects, then the one in the "
-               "prompt's register; ties dropped):\n\n" + votes_table(votes))
+             + "\n\nThe listening test (the listener prefers the clip with fewer defects, then the one matching more "
+               "of the prompt's register and dynamics; ties dropped):\n\n" + votes_table(votes))
     with open(os.path.join(out, "eval.md"), "w") as f:
         f.write(f"Fine-tuned {ckpt} against the base model\n\n{table}\n")
     with open(os.path.join(out, "eval.json"), "w") as f:
