@@ -12,7 +12,7 @@ from data import attributes_from_prompt, load_corpus
 
 REGISTER_EDGES_HZ = (212.0, 600.0)   # between the median melody pitches of low / mid / high
 LOUD_PEAK = 0.25                     # 99th-percentile |sample| between soft (peaks 0.1-0.26) and loud (0.3-0.6) clips
-READABLE = ("register", "dynamics")  # prompt attributes the listener reads back (validate: 91-98% accurate);
+READABLE = ("register", "dynamics")  # prompt attributes the listener reads back (validate_on_corpus: 99% and 92-98%);
                                      # tempo, drums and instrument it does not (low melodies mask the kick drum)
 
 
