@@ -220,7 +220,10 @@ def listening_test(cfg, base, models, codec, text_encoder, device):
     """The paper's human study with the listener as the voter: the base model and each model on
     benchmark.listen_prompts held-out prompts (cycled, with new seeds), same noise; the listener's
     preference per pair (listen.preference), ties dropped; human_study_stats on the votes."""
-    n, sr = cfg["benchmark"]["listen_prompts"], codec.sample_rate
+    n = cfg["benchmark"]["listen_prompts"]
+    if not models or not n:
+        return []
+    sr = codec.sample_rate
     heldout = prompt_set(cfg["data"], "heldout")
     prompts, seeds = [heldout[i % len(heldout)] for i in range(n)], [30_000 + i for i in range(n)]
     T = codec.latent_length(int(sr * cfg["data"]["clip_seconds"]))

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from benchmark import ALL_RUNS, TARGETS, benchmark, selected_runs
+from benchmark import ALL_RUNS, TARGETS, benchmark, listening_test, selected_runs
 from test_train import cfg_for
 
 MICRO_CLAP = ["data.clip_seconds=1.0", "data.n_test=12", "data.n_valid=16",   # 3 CLAP windows: per-song FAD needs 2
@@ -17,6 +17,7 @@ def test_the_run_list_names_every_configuration_and_rejects_unknown_names(tmp_pa
     assert list(selected_runs(cfg_for(tmp_path, "benchmark.runs=[vendi_clap,aesthetics]"))) == ["vendi_clap", "aesthetics"]
     with pytest.raises(ValueError, match="benchmark.runs: unknown run.*'nope'"):
         selected_runs(cfg_for(tmp_path, "benchmark.runs=[aesthetics,nope]"))
+    assert listening_test(cfg_for(tmp_path), None, {}, None, None, None) == []   # listen_runs=[]: nothing generated
 
 
 def test_micro_benchmark_writes_every_table(tmp_path):
