@@ -31,8 +31,8 @@ import time
 import numpy as np
 import torch
 
-from data import prompt_set
-from encoders import TextEncoder, make_codec
+from data import cycled, prompt_set
+from encoders import TextEncoder, clip_latent_length, make_codec
 from listen import listen, preference, validate_on_corpus, validation_table
 from dragon import build_sets
 from eval import evaluate_models, human_study_stats, plot_radar, plot_win_rates, win_rate
@@ -192,7 +192,7 @@ def dplus_table(cfg, base, codec, text_encoder, device, encoders=("latent", "cla
     dc = cfg["dragon"]
     g = seeded_generator(cfg["seed"], 0)
     prompts, seeds = sample_prompts(prompt_set(cfg["data"], "train"), dc["prompts_per_round"], g)
-    T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
+    T = clip_latent_length(codec, cfg["data"])
     sampler_cfg = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])
     latents = generate_latents(base, prompts, seeds, T, text_encoder, sampler_cfg, device)
     audio = codec.decode(latents)
@@ -225,8 +225,8 @@ def listening_test(cfg, base, models, codec, text_encoder, device):
         return []
     sr = codec.sample_rate
     heldout = prompt_set(cfg["data"], "heldout")
-    prompts, seeds = [heldout[i % len(heldout)] for i in range(n)], [30_000 + i for i in range(n)]
-    T = codec.latent_length(int(sr * cfg["data"]["clip_seconds"]))
+    prompts, seeds = cycled(heldout, n), [30_000 + i for i in range(n)]
+    T = clip_latent_length(codec, cfg["data"])
 
     def heard(model):
         return listen(codec.decode(generate_latents(model, prompts, seeds, T, text_encoder, cfg["sampler"], device)),

@@ -423,6 +423,11 @@ def load_corpus(data_cfg, split, n=None, restrict=None, p_defect=None):
     raise ValueError(f"data.source must be 'synthetic' or 'folder', got {data_cfg['source']!r}")
 
 
+def cycled(prompts, n):
+    """n prompts from a set, cycled when the set is smaller (callers give each repeat its own noise seed)."""
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
 def prompt_set(data_cfg, name):
     """Prompts without audio: 'train' (the training captions, DRAGON's prompts), 'heldout' (captions
     of test clips, the ALIM-test analogue) or 'user' (freely worded, the DMA analogue); from the

@@ -148,6 +148,11 @@ class EncodecCodec:
         return self.model.decoder(z.float() / self.latent_scale)[:, 0].clamp(-1, 1)
 
 
+def clip_latent_length(codec, data_cfg):
+    """T, the latent frames of one data.clip_seconds clip: the length the generator samples."""
+    return codec.latent_length(int(data_cfg["sample_rate"] * data_cfg["clip_seconds"]))
+
+
 def make_codec(cfg):
     """The codec named by config: `mel` (offline default) or `encodec` (pretrained, from codec.path)."""
     c, sr = cfg["codec"], cfg["data"]["sample_rate"]
@@ -222,7 +227,8 @@ class TextEncoder:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"text encoder: empty prompt {p!r}")
-        new = sorted({p for p in prompts if p not in self.cache})
+        new = sorted({p for p in prompts if p not in self.cache}, key=lambda p: (len(p), p))   # batches of like
+        # length pad little (MiniLM on 1500 captions: 16% faster than alphabetical order; states equal to 7e-6)
         self.warn_if_cut(new)
         for i in range(0, len(new), batch_size):
             self.encode_new(new[i:i + batch_size])

@@ -23,8 +23,8 @@ import scipy.stats
 import torch
 
 from data import prompt_set, write_wav
-from encoders import TextEncoder, make_codec
-from listen import listen, listening_summary, preference
+from encoders import TextEncoder, clip_latent_length, make_codec
+from listen import listen, listening_summary, paired_changes, preference
 from model import load_model
 from launch import parse_args, setup_distributed
 from sampler import generate_latents
@@ -76,7 +76,7 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     """Rows of the metric table, one per (prompt set, reward, fine-tuned model); `finetuned` maps a
     name to a model. The base model's samples and features are computed once and shared."""
     ec = cfg["eval"]
-    T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
+    T = clip_latent_length(codec, cfg["data"])
     rows, latents, audio = [], {}, {}
     for set_name in ec["prompt_sets"]:
         prompts = prompt_set(cfg["data"], set_name)[: ec["n_prompts"]]
@@ -126,7 +126,8 @@ def listening_rows(cfg, audio, sample_rate):
                 pref = preference(report, reports["base"])
                 wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
                 votes.append({"model": name, "prompts": set_name, "wins": wins, "decisive": decisive,
-                              "ties": len(pref) - decisive, **(human_study_stats(wins, decisive) if decisive else {})})
+                              "ties": len(pref) - decisive, **(human_study_stats(wins, decisive) if decisive else {}),
+                              "changes": paired_changes(report, reports["base"])})
     return rows, votes
 
 
@@ -137,6 +138,17 @@ def votes_table(votes):
         stats = (f"{v['win_rate']:.1%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}" if v["decisive"]
                  else "- | - | -")
         lines.append(f"| {v['prompts']} | {v['model']} | {v['wins']} / {v['decisive']} ({v['ties']}) | {stats} |")
+    return "\n".join(lines)
+
+
+def changes_table(votes):
+    """Per prompt set, clip pairs (same prompt and noise) where only the fine-tuned clip / only the base
+    clip has a defect or matches the prompt's attribute, with McNemar's exact two-sided p."""
+    lines = ["| prompts | model | " + " | ".join(f"{k}: tuned only / base only (p)" for k in votes[0]["changes"]) + " |",
+             "| --- " * (len(votes[0]["changes"]) + 2) + "|"]
+    for v in votes:
+        lines.append(f"| {v['prompts']} | {v['model']} | " + " | ".join(
+            f"{c['a_only']} / {c['b_only']} ({c['p_value']:.2g})" for c in v["changes"].values()) + " |")
     return "\n".join(lines)
 
 
@@ -213,7 +225,9 @@ def main(cfg):
     heard, votes = listening_rows(cfg, audio, codec.sample_rate)
     table = (markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n" + listening_table(heard)
              + "\n\nThe listening test (the listener prefers the clip with fewer defects, then the one matching more "
-               "of the prompt's register and dynamics; ties dropped):\n\n" + votes_table(votes))
+               "of the prompt's register and dynamics; ties dropped):\n\n" + votes_table(votes)
+             + "\n\nClip by clip (same prompt and noise): pairs where only one of the two clips has a defect or "
+               "matches the prompt, with McNemar's exact two-sided p:\n\n" + changes_table(votes))
     with open(os.path.join(out, "eval.md"), "w") as f:
         f.write(f"Fine-tuned {ckpt} against the base model\n\n{table}\n")
     with open(os.path.join(out, "eval.json"), "w") as f:

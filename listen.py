@@ -111,6 +111,25 @@ def preference(report_a, report_b):
     return torch.where(pref == 0, torch.sign(follows(report_a) - follows(report_b)), pref)
 
 
+def paired_changes(report_a, report_b):
+    """Clip by clip, what changed from b to a (two listen() reports of the same prompts and noise):
+    for each defect the clips where only a has it ("a_only") and where only b has it ("b_only"), for
+    each readable attribute the clips where only a matches the prompt and where only b does, and the
+    exact two-sided sign-test p-value of the discordant clips (McNemar's exact test: under "no
+    change" each discordant clip is a fair coin). Clips that agree say nothing about a change."""
+    import scipy.stats
+    out = {}
+    keys = [("clipping", 1.0), ("hiss", 1.0), ("dropout", 1.0)] + [(f"{a}_match", 1.0) for a in READABLE]
+    for key, hit in keys:
+        if key not in report_a:
+            continue
+        a, b = report_a[key] == hit, report_b[key] == hit
+        a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+        p = scipy.stats.binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0
+        out[key] = {"a_only": a_only, "b_only": b_only, "p_value": float(p)}
+    return out
+
+
 def validate(audio, sr, captions, defects):
     """How well the listener hears clips whose truth is known (corpus clips: captions name their
     attributes, defects lists each clip's defects): per defect, the share of clips with it that are

@@ -22,7 +22,7 @@ import time
 import torch
 
 from data import load_corpus, prompt_set
-from encoders import TextEncoder, make_codec
+from encoders import TextEncoder, clip_latent_length, make_codec
 from listen import listen, listening_summary, validate_on_corpus, validation_table
 from model import load_model
 from launch import parse_args, setup_distributed
@@ -52,7 +52,7 @@ def main(cfg, n=80):
     codec = make_codec(cfg)
     text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
     prompts = (prompt_set(cfg["data"], "heldout") * 2)[:n]
-    T = codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
+    T = clip_latent_length(codec, cfg["data"])
     t0 = time.time()
     latents = generate_latents(model, prompts, list(range(n)), T, text_encoder, cfg["sampler"], device)
     t_gen = time.time() - t0

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from launch import autocast, log, parse_args, seeded_generator, setup_distributed, use_bf16
-from data import load_corpus, prompt_set, write_wav
-from encoders import TextEncoder, make_codec
+from data import cycled, load_corpus, prompt_set, write_wav
+from encoders import TextEncoder, clip_latent_length, make_codec
 from listen import listen, listening_summary
 from model import DiT, DiTConfig, count_parameters, drop_condition, load_checkpoint, loss_per_example, sample_sigma
 from model import save_atomic, save_model, update_ema
@@ -133,8 +133,8 @@ def check_base(cfg, model, codec, text_encoder, device):
     pc, sr = cfg["pretrain"], cfg["data"]["sample_rate"]
     heldout = prompt_set(cfg["data"], "heldout")
     n = max(pc["n_samples"], pc["n_check"])
-    prompts = [heldout[i % len(heldout)] for i in range(n)]      # cycled (new seeds) when the set is smaller
-    T = codec.latent_length(int(sr * cfg["data"]["clip_seconds"]))
+    prompts = cycled(heldout, n)                                  # new seeds for the repeats
+    T = clip_latent_length(codec, cfg["data"])
     t0 = time.time()
     audio = codec.decode(generate_latents(model, prompts, list(range(len(prompts))), T, text_encoder,
                                           cfg["sampler"], device, bf16=use_bf16(cfg["pretrain"], device)))

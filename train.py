@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import prompt_set, write_wav
-from encoders import TextEncoder, make_codec
+from data import cycled, prompt_set, write_wav
+from encoders import TextEncoder, clip_latent_length, make_codec
 from listen import listen, listening_summary
 from dragon import A_theta, Sets, build_sets, dpo_loss, kto_loss, kto_reference_point, pair_up, per_example_errors
 from dragon import rank_shard
@@ -217,9 +217,9 @@ def set_up(cfg):
     run.train_model = torch.nn.parallel.DistributedDataParallel(run.model) if world > 1 else run.model
     run.train_prompts = prompt_set(cfg["data"], "train")
     heldout = prompt_set(cfg["data"], "heldout")
-    run.eval_prompts = [heldout[i % len(heldout)] for i in range(dc["n_eval"])]   # cycled, with new seeds, when
-    run.eval_seeds = [10_000 + i for i in range(dc["n_eval"])]                    # the set is smaller
-    run.T = run.codec.latent_length(int(cfg["data"]["sample_rate"] * cfg["data"]["clip_seconds"]))
+    run.eval_prompts = cycled(heldout, dc["n_eval"])                  # new seeds for the repeats when the
+    run.eval_seeds = [10_000 + i for i in range(dc["n_eval"])]        # set is smaller
+    run.T = clip_latent_length(run.codec, cfg["data"])
     run.demo_sampler = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])  # paper: inference sampler
     run.bf16 = use_bf16(dc, device)
     P = dc["prompts_per_round"]

@@ -118,3 +118,4 @@ def test_a_model_against_itself_ties_on_every_reward(tmp_path):
     from eval import listening_rows
     _, votes = listening_rows(cfg, audio, codec.sample_rate)    # the listener cannot tell a model from itself
     assert [(v["wins"], v["decisive"], v["ties"]) for v in votes] == [(0, 0, 6), (0, 0, 6)]
+    assert all(c["a_only"] == c["b_only"] == 0 for v in votes for c in v["changes"].values())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import synthetic_corpus
-from listen import detect_defects, dynamics_of, melody_pitch, preference, register_of, validate
+from listen import detect_defects, dynamics_of, melody_pitch, paired_changes, preference, register_of, validate
 
 SR = 16000
 
@@ -79,3 +79,21 @@ def test_preference_by_hand():
     #          | nothing to tell them apart | a: 2 defects, b: 1 | one match each (register vs dynamics)
     assert preference(a, b).tolist() == [1, 0, -1, -1, 0, -1, 0]
     assert preference(b, a).tolist() == [-1, 0, 1, 1, 0, 1, 0]
+
+
+def test_paired_changes_by_hand():
+    """Discordant clips counted by hand; the p-value is the two-sided exact binomial tail, summed directly."""
+    nan = float("nan")
+    a = {"clipping": torch.tensor([1., 1., 0., 0., 1., 1., 1.]), "hiss": torch.zeros(7), "dropout": torch.zeros(7),
+         "register_match": torch.tensor([1., 0., nan, 1., 1., 1., 1.])}
+    b = {"clipping": torch.tensor([1., 0., 1., 0., 0., 0., 0.]), "hiss": torch.zeros(7), "dropout": torch.ones(7),
+         "register_match": torch.tensor([1., 1., nan, 0., 0., 0., 0.])}
+    c = paired_changes(a, b)
+    assert (c["clipping"]["a_only"], c["clipping"]["b_only"]) == (4, 1)
+    assert (c["dropout"]["a_only"], c["dropout"]["b_only"]) == (0, 7)
+    assert (c["register_match"]["a_only"], c["register_match"]["b_only"]) == (4, 1)   # NaN: no register named
+    assert c["hiss"] == {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    # 4 of 5 discordant: P(X <= 1) + P(X >= 4) for X ~ Bin(5, 1/2) = (1 + 5 + 5 + 1) / 32
+    assert c["clipping"]["p_value"] == pytest.approx(12 / 32)
+    assert c["dropout"]["p_value"] == pytest.approx(2 / 2 ** 7)
+    assert "dynamics_match" not in c
