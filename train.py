@@ -375,6 +375,9 @@ def plot_log(log_path, png_path, name):
     ev = [e for e in entries if "eval_reward" in e]
     fig, (ax, ax_win) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax.plot([e["round"] for e in entries], [e["reward"] for e in entries], alpha=0.4, label="demonstrations")
+    ref = [e for e in entries if e.get("generator") == "ref"]   # rounds f_ref generated (F2, probability p_ref)
+    if ref:
+        ax.plot([e["round"] for e in ref], [e["reward"] for e in ref], "x", color="tab:blue", label="… by f_ref")
     ax.plot([0] + [e["round"] for e in ev], [ev[0]["eval_reward_base"]] + [e["eval_reward"] for e in ev], "o-",
             label="held-out prompts")
     ax.set_xlabel("DRAGON round")
