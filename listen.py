@@ -6,6 +6,7 @@ a reward gain bought by worse audio shows; eval.py and benchmark.py also run the
 listening test with it (preference); validate measures how well it hears corpus clips whose
 attributes and defects are known.
 """
+import scipy.stats
 import torch
 
 from data import attributes_from_prompt, load_corpus
@@ -117,13 +118,11 @@ def paired_changes(report_a, report_b):
     each readable attribute the clips where only a matches the prompt and where only b does, and the
     exact two-sided sign-test p-value of the discordant clips (McNemar's exact test: under "no
     change" each discordant clip is a fair coin). Clips that agree say nothing about a change."""
-    import scipy.stats
     out = {}
-    keys = [("clipping", 1.0), ("hiss", 1.0), ("dropout", 1.0)] + [(f"{a}_match", 1.0) for a in READABLE]
-    for key, hit in keys:
+    for key in ["clipping", "hiss", "dropout"] + [f"{attr}_match" for attr in READABLE]:
         if key not in report_a:
             continue
-        a, b = report_a[key] == hit, report_b[key] == hit
+        a, b = report_a[key] == 1.0, report_b[key] == 1.0          # a NaN match (attribute not named) is False
         a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
         p = scipy.stats.binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0
         out[key] = {"a_only": a_only, "b_only": b_only, "p_value": float(p)}
