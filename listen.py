@@ -13,6 +13,7 @@ from data import attributes_from_prompt, load_corpus
 
 REGISTER_EDGES_HZ = (212.0, 600.0)   # between the median melody pitches of low / mid / high
 LOUD_PEAK = 0.25                     # 99th-percentile |sample| between soft (peaks 0.1-0.26) and loud (0.3-0.6) clips
+HEARD_DEFECTS = ("clipping", "hiss", "dropout")   # the defects listen() reports per clip
 READABLE = ("register", "dynamics")  # prompt attributes the listener reads back (validate_on_corpus: 99% and 92-98%);
                                      # tempo, drums and instrument it does not (low melodies mask the kick drum)
 
@@ -90,7 +91,7 @@ def listening_summary(report):
     scale, share of clips with audible clipping / hiss / dropouts, share of register and dynamics
     matches (among prompts naming one)."""
     out = {"median_rms": float(report["rms"].median()), "full_scale": float(report["full_scale"].mean()),
-           **{k: float(report[k].mean()) for k in ("clipping", "hiss", "dropout")}}
+           **{k: float(report[k].mean()) for k in HEARD_DEFECTS}}
     for key in (f"{attr}_match" for attr in READABLE):
         if key in report:
             m = report[key]
@@ -104,7 +105,7 @@ def preference(report_a, report_b):
     paper drops ties). Audible defects decide first (fewer of clipping, hiss, dropout), then
     following the prompt (more of the attributes it names that the audio matches: register, dynamics)."""
     def defects(r):
-        return r["clipping"] + r["hiss"] + r["dropout"]
+        return sum(r[d] for d in HEARD_DEFECTS)
 
     def follows(r):
         return sum(r[f"{attr}_match"].nan_to_num(0.0) for attr in READABLE if f"{attr}_match" in r)
@@ -119,7 +120,7 @@ def paired_changes(report_a, report_b):
     exact two-sided sign-test p-value of the discordant clips (McNemar's exact test: under "no
     change" each discordant clip is a fair coin). Clips that agree say nothing about a change."""
     out = {}
-    for key in ["clipping", "hiss", "dropout"] + [f"{attr}_match" for attr in READABLE]:
+    for key in [*HEARD_DEFECTS, *(f"{attr}_match" for attr in READABLE)]:
         if key not in report_a:
             continue
         a, b = report_a[key] == 1.0, report_b[key] == 1.0          # a NaN match (attribute not named) is False
