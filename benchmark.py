@@ -5,8 +5,8 @@
 1. One DRAGON run per target reward configuration the paper names (TARGETS, 16), each fine-tuned
    from the same base model with train.py for benchmark.rounds rounds under out_dir/bench_<name>.
 2. The paper's ablations: Fig. 2 (DPO vs KTO x paired vs unpaired on aesthetics, ABLATIONS) and
-   Fig. 3 (demonstration steps: the same run with fewer demonstration steps, DEMO_STEPS, each
-   evaluated with the inference sampler).
+   Fig. 3 (demonstration steps: the aesthetics run with more demonstration steps than the
+   benchmark's benchmark.demo_steps, DEMO_STEPS, each evaluated with the inference sampler).
 3. Every fine-tuned model evaluated on every reward on the held-out prompts against the base model
    (same prompts, same noise; eval.py): the target table, the cross-reward matrix, the radar chart
    (Fig. 1), and Fig. 7 (the aesthetics run's gain per bin of the base model's score).
@@ -68,9 +68,9 @@ ABLATIONS = {  # Fig. 2: loss x set construction on aesthetics (dpo + paired is 
     "aesthetics_dpo_unpaired": ("aesthetics", {"dragon.sets": "unpaired"}),
     "aesthetics_kto_unpaired": ("aesthetics", {"dragon.loss": "kto", "dragon.sets": "unpaired"}),
 }
-DEMO_STEPS = {  # Fig. 3: demonstrations from fewer sampler steps (the aesthetics target run uses sampler.steps)
-    "aesthetics_demo10": ("aesthetics", {"dragon.demo_steps": 10}),
+DEMO_STEPS = {  # Fig. 3: demonstrations from more sampler steps (every other run uses benchmark.demo_steps)
     "aesthetics_demo20": ("aesthetics", {"dragon.demo_steps": 20}),
+    "aesthetics_demo40": ("aesthetics", {"dragon.demo_steps": 40}),
 }
 ALL_RUNS = {**TARGETS, **ABLATIONS, **DEMO_STEPS}
 PAPER_LISTENING_TEST = {"aesthetics": (253, 420), "fad_song_latent_alim": (256, 420)}   # DRAGON-Aesthetics, -VAE-PSFAD-ALIM
@@ -86,10 +86,10 @@ def selected_runs(cfg):
 
 def run_config(cfg, name, spec, overrides):
     c = copy.deepcopy(cfg)
-    rounds = cfg["benchmark"]["rounds"]          # one held-out evaluation at the end of each run
-    fixed = {"dragon.rounds": rounds, "dragon.eval_every": rounds, "dragon.run_name": f"bench_{name}"}
+    bc = cfg["benchmark"]                        # no held-out evaluation inside the run: benchmark() evaluates
+    fixed = {"dragon.rounds": bc["rounds"], "dragon.n_eval": 0, "dragon.run_name": f"bench_{name}"}
     target = {f"reward.{key}": value for key, value in parse_reward(spec).items()}
-    for key, value in {**target, **overrides, **fixed}.items():
+    for key, value in {**target, "dragon.demo_steps": bc["demo_steps"], **overrides, **fixed}.items():
         set_key(c, key, value, f"benchmark run {name}")
     return c
 
@@ -149,7 +149,8 @@ def benchmark(cfg, runs=None):
     t0 = time.time()
     listeners = [n for n in cfg["benchmark"]["listen_runs"] if n in models]
     with torch.no_grad():
-        votes = listening_test(cfg, base, {n: models[n] for n in listeners}, codec, text_encoder, device)
+        votes = listening_test(cfg, base, {n: models[n] for n in listeners}, codec, text_encoder, device,
+                               audio["heldout"])
         accuracy = validate_on_corpus(cfg["data"], codec) if cfg["data"]["source"] == "synthetic" else {}
     seconds["listening test"] = time.time() - t0
     seconds["total"] = time.time() - t_start
@@ -193,7 +194,7 @@ def dplus_table(cfg, base, codec, text_encoder, device, encoders=("latent", "cla
     g = seeded_generator(cfg["seed"], 0)
     prompts, seeds = sample_prompts(prompt_set(cfg["data"], "train"), dc["prompts_per_round"], g)
     T = clip_latent_length(codec, cfg["data"])
-    sampler_cfg = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])
+    sampler_cfg = dict(cfg["sampler"], steps=cfg["benchmark"]["demo_steps"] or cfg["sampler"]["steps"])
     latents = generate_latents(base, prompts, seeds, T, text_encoder, sampler_cfg, device)
     audio = codec.decode(latents)
     P = dc["prompts_per_round"]
@@ -216,25 +217,31 @@ def dplus_table(cfg, base, codec, text_encoder, device, encoders=("latent", "cla
     return rows
 
 
-def listening_test(cfg, base, models, codec, text_encoder, device):
+def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=None):
     """The paper's human study with the listener as the voter: the base model and each model on
     benchmark.listen_prompts held-out prompts (cycled, with new seeds), same noise; the listener's
-    preference per pair (listen.preference), ties dropped; human_study_stats on the votes."""
+    preference per pair (listen.preference), ties dropped; human_study_stats on the votes. The
+    prompts and seeds start as the evaluation's (eval.py), so the clips it decoded (`evaluated`:
+    model name -> audio) are not generated again."""
     n = cfg["benchmark"]["listen_prompts"]
     if not models or not n:
         return []
-    sr = codec.sample_rate
     heldout = prompt_set(cfg["data"], "heldout")
-    prompts, seeds = cycled(heldout, n), [30_000 + i for i in range(n)]
+    prompts, seeds = cycled(heldout, n), [20_000 + i for i in range(n)]    # eval.py's seeds
     T = clip_latent_length(codec, cfg["data"])
 
-    def heard(model):
-        return listen(codec.decode(generate_latents(model, prompts, seeds, T, text_encoder, cfg["sampler"], device)),
-                      sr, prompts)
-    reference = heard(base)
+    def heard(name, model):
+        clips = (evaluated or {}).get(name)
+        k = 0 if clips is None else min(len(clips), n)
+        parts = [clips[:k]] if k else []
+        if k < n:
+            parts.append(codec.decode(generate_latents(model, prompts[k:], seeds[k:], T, text_encoder, cfg["sampler"],
+                                                       device)))
+        return listen(torch.cat(parts), codec.sample_rate, prompts)
+    reference = heard("base", base)
     votes = []
     for name, model in models.items():
-        pref = preference(heard(model), reference)
+        pref = preference(heard(name, model), reference)
         wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
         votes.append({"model": name, "wins": wins, "decisive": decisive, "ties": n - decisive,
                       **(human_study_stats(wins, decisive) if decisive else {})})
@@ -311,7 +318,8 @@ def plot_fig3_fig7(cfg, rows, bins, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    steps = {"aesthetics": cfg["sampler"]["steps"], **{n: o["dragon.demo_steps"] for n, (_, o) in DEMO_STEPS.items()}}
+    steps = {"aesthetics": cfg["benchmark"]["demo_steps"] or cfg["sampler"]["steps"],
+             **{n: o["dragon.demo_steps"] for n, (_, o) in DEMO_STEPS.items()}}
     fig3 = sorted((steps[r["run"]], r) for r in rows if r["run"] in steps)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     if fig3:

@@ -53,12 +53,13 @@ def win_rate(rewards_finetuned, rewards_base, n_boot=2000, seed=0):
     return float(wins.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
-def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=200, halves_per_boot=25, seed=0):
+def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=100, halves_per_boot=10, seed=0):
     """Set rewards score a whole set, not a prompt. The fine-tuned model wins a subset of prompts
     when its set reward on them beats the base model's on the same prompts (ties 1/2); the win rate
     is over random halves of the n prompts. The 95% interval bootstraps the prompts themselves
     (n drawn with replacement, then halves of that resample), so it covers which prompts were
-    evaluated, not only which halves were drawn. Returns (rate, ci_low, ci_high)."""
+    evaluated, not only which halves were drawn. The same seed draws the same subsets for every
+    model, so a memoized set_reward_base (remembered) is computed once. Returns (rate, ci_low, ci_high)."""
     rng = np.random.default_rng(seed)
 
     def rate(prompts, draws):
@@ -72,9 +73,23 @@ def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=200, ha
     return rate(np.arange(n), n_halves), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
+def remembered(set_reward):
+    """set_reward(members), computed once per distinct member set."""
+    cache = {}
+
+    def of(members):
+        key = tuple(members.tolist())
+        if key not in cache:
+            cache[key] = set_reward(members)
+        return cache[key]
+    return of
+
+
 def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     """Rows of the metric table, one per (prompt set, reward, fine-tuned model); `finetuned` maps a
-    name to a model. The base model's samples and features are computed once and shared."""
+    name to a model. Every model's samples are generated and decoded once; its features once per
+    encoder (CLAP or latent frames), shared by every reward on that encoder; the base model's set
+    rewards on set_win_rate's subsets once, shared by every fine-tuned model."""
     ec = cfg["eval"]
     T = clip_latent_length(codec, cfg["data"])
     rows, latents, audio = [], {}, {}
@@ -87,19 +102,24 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
         latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device)
                              for name, m in {"base": base, **finetuned}.items()}
         audio[set_name] = {name: codec.decode(z) for name, z in latents[set_name].items()}   # decoded once
+        features = {}                                                     # (model, encoder) -> features
         for spec in ec["rewards"]:
             c = copy.deepcopy(cfg)
             c["reward"].update(parse_reward(spec))
             reward = build_reward(c, codec)
             everyone = torch.arange(len(prompts))
             def scored(name):
-                return reward.scores(reward.features(latents[set_name][name], prompts, audio[set_name][name]), prompts)
+                key = (name, reward.encoder)
+                if key not in features:
+                    features[key] = reward.features(latents[set_name][name], prompts, audio[set_name][name])
+                return reward.scores(features[key], prompts)
             base_scores = scored("base")
+            base_of = remembered(base_scores.of)
             for name in finetuned:
                 ft_scores = scored(name)
                 v_base, v_ft = base_scores.of(everyone), ft_scores.of(everyone)
                 if reward.is_set:
-                    rate, lo, hi = set_win_rate(ft_scores.of, base_scores.of, len(prompts))
+                    rate, lo, hi = set_win_rate(ft_scores.of, base_of, len(prompts))
                 else:
                     rate, lo, hi = win_rate(ft_scores.per_example.numpy(), base_scores.per_example.numpy())
                 rows.append({"model": name, "prompts": set_name, "reward": reward.name, "type": reward.type,

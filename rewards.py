@@ -267,6 +267,7 @@ class Reward:
     costs one d x d eigendecomposition)."""
     name: str
     type: str
+    encoder: str             # whose frames features() returns: clap | latent (equal encoders, equal features)
     features: object
     score: object = None
     set_scorer: object = None
@@ -441,7 +442,7 @@ def build_reward(cfg, codec, rank=0):
     if uses_reference:
         encoder = clap if encoder_name == "clap" else LatentIdentity(cfg)
         ref = reference_stats(cfg, encoder, rc["reference"], lambda audio: frames(codec.encode(audio)), rank)
-    return Reward(name, paper_type, frames, **builder(cfg, codec, clap, frames, ref, name, rank))
+    return Reward(name, paper_type, encoder_name, frames, **builder(cfg, codec, clap, frames, ref, name, rank))
 
 
 class LatentIdentity:

@@ -46,9 +46,10 @@ CHOICES = {"loss": ("dpo", "kto"), "sets": ("paired", "unpaired", "greedy", "loo
 def train(cfg):
     run = set_up(cfg)                        # f_ref, f_theta, Adam, reward, prompts; resumes dragon_state.pt
     dc, P = cfg["dragon"], cfg["dragon"]["prompts_per_round"]
-    base = held_out(run, run.ref_model)      # the baseline: f_ref on the held-out prompts, same noise
+    base = held_out(run, run.ref_model) if dc["n_eval"] else None   # the baseline: f_ref, held-out prompts, same noise
     log(run.rank, f"DRAGON on {run.reward.name} ({run.reward.type}), {dc['loss'].upper()}, sets={dc['sets']}: "
-                  f"base model held-out reward {base.value:.4f}; listening {fmt(base.listening)}")
+                  + (f"base model held-out reward {base.value:.4f}; listening {fmt(base.listening)}" if base else
+                     "no held-out evaluation (dragon.n_eval=0)"))
     bar = tqdm(total=dc["rounds"], initial=run.start, desc=f"DRAGON {run.reward.name}", disable=run.rank != 0,
                dynamic_ncols=True)
     run.completed = run.logged = run.start   # rounds whose update is applied / whose log line is written
@@ -287,7 +288,7 @@ def bookkeeping(run, entry, base, bar):
     rate per prompt, ties 1/2, with its 95% bootstrap interval) and WAV samples; checkpoints every
     dragon.ckpt_every rounds; the log line; the progress bar."""
     dc, rnd = run.cfg["dragon"], entry["round"]
-    if rnd % dc["eval_every"] == 0 or rnd == dc["rounds"]:
+    if base is not None and (rnd % dc["eval_every"] == 0 or rnd == dc["rounds"]):
         ft = held_out(run, run.model)
         entry.update(eval_reward=ft.value, eval_reward_base=base.value, eval_listening=ft.listening,
                      eval_listening_base=base.listening)
@@ -345,11 +346,12 @@ def finish(run):
         save_model(path, run.model, rounds=dc["rounds"], reward=run.reward.name)
         plot_log(run.log_path, os.path.join(run.run_dir, "reward_curve.png"), run.reward.name)
         last = [json.loads(line) for line in open(run.log_path)][-1]
-        log(run.rank, f"done: held-out {run.reward.name} {last['eval_reward_base']:.4f} (base) -> "
-                      f"{last['eval_reward']:.4f}"
-                      + (f", win rate {last['eval_win_rate']:.1%}" if "eval_win_rate" in last else "")
-                      + f"; listening {fmt(last['eval_listening'])} (base: {fmt(last['eval_listening_base'])})"
-                      + f"; checkpoint {path}")
+        if "eval_reward" in last:
+            log(run.rank, f"done: held-out {run.reward.name} {last['eval_reward_base']:.4f} (base) -> "
+                          f"{last['eval_reward']:.4f}"
+                          + (f", win rate {last['eval_win_rate']:.1%}" if "eval_win_rate" in last else "")
+                          + f"; listening {fmt(last['eval_listening'])} (base: {fmt(last['eval_listening_base'])})")
+        log(run.rank, f"done: checkpoint {path}")
     if run.world > 1:
         dist.barrier()
     return path
@@ -378,8 +380,9 @@ def plot_log(log_path, png_path, name):
     ref = [e for e in entries if e.get("generator") == "ref"]   # rounds f_ref generated (F2, probability p_ref)
     if ref:
         ax.plot([e["round"] for e in ref], [e["reward"] for e in ref], "x", color="tab:blue", label="… by f_ref")
-    ax.plot([0] + [e["round"] for e in ev], [ev[0]["eval_reward_base"]] + [e["eval_reward"] for e in ev], "o-",
-            label="held-out prompts")
+    if ev:
+        ax.plot([0] + [e["round"] for e in ev], [ev[0]["eval_reward_base"]] + [e["eval_reward"] for e in ev], "o-",
+                label="held-out prompts")
     ax.set_xlabel("DRAGON round")
     ax.set_ylabel(name)
     ax.legend()

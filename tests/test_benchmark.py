@@ -2,8 +2,11 @@ import json
 import os
 
 import pytest
+import torch
 
 from benchmark import ALL_RUNS, TARGETS, benchmark, listening_test, selected_runs
+from encoders import TextEncoder, make_codec
+from model import load_model
 from test_train import cfg_for
 
 MICRO_CLAP = ["data.clip_seconds=1.0", "data.n_test=12", "data.n_valid=16",   # 3 CLAP windows: per-song FAD needs 2
@@ -21,21 +24,22 @@ def test_the_run_list_names_every_configuration_and_rejects_unknown_names(tmp_pa
 
 
 def test_micro_benchmark_writes_every_table(tmp_path):
-    cfg = cfg_for(tmp_path, *MICRO_CLAP, "benchmark.runs=[aesthetics,fad_song_latent_sd,vendi_latent,aesthetics_demo10]",
+    cfg = cfg_for(tmp_path, *MICRO_CLAP, "benchmark.runs=[aesthetics,fad_song_latent_sd,vendi_latent,aesthetics_demo20]",
                   "benchmark.listen_runs=[aesthetics,fad_song_latent_sd]")
     rows = benchmark(cfg)
-    assert [r["run"] for r in rows] == ["aesthetics", "fad_song_latent_sd", "vendi_latent", "aesthetics_demo10"]
+    assert [r["run"] for r in rows] == ["aesthetics", "fad_song_latent_sd", "vendi_latent", "aesthetics_demo20"]
     assert [r["group"] for r in rows] == ["target", "target", "target", "Fig. 3"]
     assert [r["type"] for r in rows[:3]] == ["instance", "instance-to-distribution", "distribution"]
     for r in rows:
         assert 0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1 and r["forwards_per_s"] > 0
     log = [json.loads(line) for line in open(tmp_path / "bench_vendi_latent" / "log.jsonl")]
     assert [e["round"] for e in log] == [1, 2]                      # benchmark.rounds, not dragon.rounds
+    assert not any("eval_reward" in e for e in log)                 # no held-out evaluation inside the run
     report = json.load(open(tmp_path / "benchmark.json"))
     # every run on every reward (eval.rewards and the runs' targets, deduplicated); the table is its target column
     assert [(r["model"], r["reward"]) for r in report["matrix"]][:4] == [
         ("aesthetics", "vendi[latent]"), ("fad_song_latent_sd", "vendi[latent]"), ("vendi_latent", "vendi[latent]"),
-        ("aesthetics_demo10", "vendi[latent]")]
+        ("aesthetics_demo20", "vendi[latent]")]
     assert report["matrix"][2]["win_rate"] == rows[2]["win_rate"]
 
     # Fig. 7: thirds of the prompts by the base model's score; together they are the aesthetics row
@@ -58,6 +62,12 @@ def test_micro_benchmark_writes_every_table(tmp_path):
     assert [v["model"] for v in votes] == ["aesthetics", "fad_song_latent_sd"]
     for v in votes:
         assert 0 <= v["wins"] <= v["decisive"] == 16 - v["ties"]
+    # it reused the evaluation's 12 clips per model and generated 4 more: the votes of 16 fresh clips
+    codec, text_encoder = make_codec(cfg), TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    base, tuned = (load_model(tmp_path / p)[0].eval() for p in ("base.pt", "bench_aesthetics/dragon.pt"))
+    with torch.no_grad():
+        fresh = listening_test(cfg, base, {"aesthetics": tuned}, codec, text_encoder, "cpu")
+    assert (fresh[0]["wins"], fresh[0]["decisive"]) == (votes[0]["wins"], votes[0]["decisive"])
     accuracy = report["listener_accuracy"]
     assert set(accuracy) == {"as rendered", "codec round trip"}
     assert set(accuracy["as rendered"]) == {"hiss", "dropout", "clipping", "register", "dynamics"}

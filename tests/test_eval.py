@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 import torch
 
-from eval import human_study_stats, set_win_rate, win_rate
+from eval import human_study_stats, remembered, set_win_rate, win_rate
 
 
 @pytest.mark.parametrize("wins,rate,lower,p", [(253, 0.6024, 0.5615, 1.58e-5), (256, 0.6095, 0.5687, 4.15e-6)])
@@ -51,6 +51,17 @@ def test_set_win_rate_for_a_clearly_better_set():
     assert rate == 1.0 and lo == 1.0
     rate, lo, hi = set_win_rate(lambda m: 1.0, lambda m: 1.0, 40)
     assert (rate, lo, hi) == (0.5, 0.5, 0.5)
+
+
+def test_the_base_models_set_reward_is_computed_once_for_every_model():
+    calls = []
+    base = remembered(lambda m: calls.append(m.tolist()) or float(m.sum()))
+    ft = torch.arange(40.0)
+    first = set_win_rate(lambda m: float(ft[m].sum()) + 0.5, base, 40, n_halves=20, n_boot=10, halves_per_boot=5)
+    distinct = len(calls)
+    assert first == (1.0, 1.0, 1.0) and distinct <= 20 + 10 * 5
+    second = set_win_rate(lambda m: float(ft[m].sum()) - 0.5, base, 40, n_halves=20, n_boot=10, halves_per_boot=5)
+    assert second == (0.0, 0.0, 0.0) and len(calls) == distinct   # the same subsets: no new base calls
 
 
 def test_set_win_rate_interval_covers_prompt_sampling():
