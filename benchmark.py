@@ -33,9 +33,9 @@ import torch
 
 from data import cycled, prompt_set
 from encoders import TextEncoder, clip_latent_length, make_codec
-from listen import listen, preference, validate_on_corpus, validation_table
+from listen import listen, paired_changes, preference, validate_on_corpus, validation_table
 from dragon import build_sets
-from eval import evaluate_models, human_study_stats, plot_radar, plot_win_rates, win_rate
+from eval import changes_table, evaluate_models, human_study_stats, plot_radar, plot_win_rates, win_rate
 from model import load_model
 from launch import parse_args, seeded_generator, set_key, setup_distributed
 from pretrain import pretrain
@@ -241,10 +241,12 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
     reference = heard("base", base)
     votes = []
     for name, model in models.items():
-        pref = preference(heard(name, model), reference)
+        tuned = heard(name, model)
+        pref = preference(tuned, reference)
         wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
-        votes.append({"model": name, "wins": wins, "decisive": decisive, "ties": n - decisive,
-                      **(human_study_stats(wins, decisive) if decisive else {})})
+        votes.append({"model": name, "prompts": "heldout", "wins": wins, "decisive": decisive, "ties": n - decisive,
+                      **(human_study_stats(wins, decisive) if decisive else {}),
+                      "changes": paired_changes(tuned, reference)})
     return votes
 
 
@@ -293,6 +295,8 @@ def report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds):
             stats = (f"{v['win_rate']:.2%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}" if v["decisive"]
                      else "- | - | -")
             lines.append(f"| {v['model']} | {v['wins']} / {v['decisive']} ({v['ties']}) | {stats} | {paper} |")
+        lines += ["", "Clip by clip (same prompt and noise): pairs where only the tuned or only the base clip has a "
+                  "defect or matches the prompt, with McNemar's exact two-sided p:", "", changes_table(votes)]
     if accuracy:
         lines += ["", "How well the listener hears corpus clips with known defects and attributes:", "",
                   validation_table(accuracy)]

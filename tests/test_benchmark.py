@@ -74,7 +74,7 @@ def test_micro_benchmark_writes_every_table(tmp_path):
 
     text = open(tmp_path / "benchmark.md").read()
     for needle in ("Average win rate over the 3 target rewards", "| trained on |", "Fig. 7", "The D+ table",
-                   "The listening test", "253 / 420", "register accuracy", "Wall time: "):
+                   "The listening test", "253 / 420", "tuned only / base only", "register accuracy", "Wall time: "):
         assert needle in text, needle
     for name in ("benchmark.png", "benchmark_radar.png", "benchmark_fig3_fig7.png"):
         assert os.path.isfile(tmp_path / name), name
