@@ -222,7 +222,7 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
     """The paper's human study with the listener as the voter: the base model and each model on
     held-out prompts (cycled, with new seeds), same noise; the listener's preference per pair
     (listen.preference), ties dropped; human_study_stats on the votes. Prompts are heard `chunk` at
-    a time until a model has benchmark.listen_pairs decisive pairs (the paper's 420), at most
+    a time until each model has benchmark.listen_pairs decisive pairs (the paper's 420), at most
     benchmark.listen_prompts: the stopping rule looks only at how many pairs were decisive, never
     at who won them, so the wins stay binomial given the decisive count and the test is exact.
     The prompts and seeds start as the evaluation's (eval.py), so the clips it decoded
@@ -301,7 +301,8 @@ def report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds):
               f"{d['dataset_fad']:.4f} |" for d in dplus]
     if votes:
         lines += ["", f"The listening test (held-out prompts until {cfg['benchmark']['listen_pairs']} decisive pairs, "
-                  f"at most {cfg['benchmark']['listen_prompts']}; the listener prefers fewer defects, then more of the prompt's register and dynamics; ties dropped):", "",
+                  f"at most {cfg['benchmark']['listen_prompts']}; the listener prefers fewer defects, then more of "
+                  "the prompt's register and dynamics; ties dropped):", "",
                   "| model | prompts | preferred / decisive (ties) | win rate | p-value | 95% lower bound | paper |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for v in votes:
@@ -310,7 +311,8 @@ def report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds):
                      f"{human_study_stats(*paper)['p_value']:.1e})") if paper else "-"
             stats = (f"{v['win_rate']:.2%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}" if v["decisive"]
                      else "- | - | -")
-            lines.append(f"| {v['model']} | {v['heard']} | {v['wins']} / {v['decisive']} ({v['ties']}) | {stats} | {paper} |")
+            lines.append(f"| {v['model']} | {v['heard']} | {v['wins']} / {v['decisive']} ({v['ties']}) | {stats} | "
+                         f"{paper} |")
         lines += ["", "Clip by clip (same prompt and noise): pairs where only the tuned or only the base clip has a "
                   "defect or matches the prompt, with McNemar's exact two-sided p:", "", changes_table(votes)]
     if accuracy:

@@ -72,16 +72,16 @@ def test_micro_benchmark_writes_every_table(tmp_path):
     # and its votes are those of the fixed-size test on the prompts it heard
     need = max(1, votes[0]["decisive"] // 2)
 
-    def test_of(*overrides):
+    def votes_of(*overrides):
         with torch.no_grad():
             return listening_test(cfg_for(tmp_path, *MICRO_CLAP, *overrides), base, {"aesthetics": tuned}, codec,
                                   text_encoder, "cpu", chunk=4)[0]
-    stopped = test_of(f"benchmark.listen_pairs={need}")
+    stopped = votes_of(f"benchmark.listen_pairs={need}")
     assert stopped["heard"] % 4 == 0 and (stopped["decisive"] >= need or stopped["heard"] == 16)
-    fixed = test_of(f"benchmark.listen_prompts={stopped['heard']}")
+    fixed = votes_of(f"benchmark.listen_prompts={stopped['heard']}")
     assert (fixed["wins"], fixed["decisive"]) == (stopped["wins"], stopped["decisive"])
     if stopped["heard"] > 4:
-        assert test_of(f"benchmark.listen_prompts={stopped['heard'] - 4}")["decisive"] < need
+        assert votes_of(f"benchmark.listen_prompts={stopped['heard'] - 4}")["decisive"] < need
     accuracy = report["listener_accuracy"]
     assert set(accuracy) == {"as rendered", "codec round trip"}
     assert set(accuracy["as rendered"]) == {"hiss", "dropout", "clipping", "register", "dynamics"}
