@@ -13,6 +13,10 @@ Then the same prompts and noise under sampler variants (SAMPLER_VARIANTS): what 
 would notice (listen.listen: loudness, samples at full scale, hiss, dropouts, the prompt's
 register) and the target reward (config section `reward`), next to the codec round trip of
 test clips.
+
+Then each reward on clean corpus clips made worse on purpose (EDITS: a silent gap, i.e. a dropout;
+more gain, clipped at full scale): a reward that scores an edit above the clean clip rewards
+that defect. Last, the listener's own accuracy on corpus clips with known defects.
 """
 import copy
 import os
@@ -30,6 +34,10 @@ from pretrain import pretrain
 from sampler import generate_latents
 from rewards import build_reward, parse_reward
 
+EDITS = {                                                               # name -> audio [B, samples] -> edited audio
+    "+0.25 s silent gap (a dropout)": lambda a, sr: silent_gap(a, int(0.25 * sr)),
+    "x3 gain, clipped at full scale": lambda a, sr: (3 * a).clamp(-1.0, 1.0),
+}
 SAMPLER_VARIANTS = {                                                    # name -> overrides of config's sampler
     "config.yaml's sampler": {},
     "plain CFG (cfg_rescale 0)": {"cfg_rescale": 0.0},
@@ -74,6 +82,7 @@ def main(cfg, n=80):
         print(f"| {reward.name} | {reward.type} | {t_setup:.1f} | {time.time() - t0:.2f} | {value:.4f} |", flush=True)
     sampler_variants(cfg, model, codec, text_encoder, prompts, T, device)
     if cfg["data"]["source"] == "synthetic":
+        rewards_on_edited_clips(cfg, codec)
         listener_validation(cfg, codec)
 
 
@@ -97,6 +106,42 @@ def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
         value = reward.set_score(r, prompts)
         print(f"| {name} | " + " | ".join(f"{heard[k]:.3f}" for k in keys) + f" | {value:.4f} | {seconds:.1f} |",
               flush=True)
+
+
+def silent_gap(audio, n):
+    """audio with n samples of silence in the middle of each clip."""
+    out, start = audio.clone(), (audio.shape[1] - n) // 2
+    out[:, start:start + n] = 0.0
+    return out
+
+
+def rewards_on_edited_clips(cfg, codec):
+    """Each reward of eval.rewards on the defect-free test and validation clips, as they are and after
+    each of EDITS (through the codec, as a generation would be scored): the batch's reward and, for
+    instance types, the share of clips the edit made score higher."""
+    corpora = [load_corpus(cfg["data"], split) for split in ("test", "valid")]
+    clean = [(corpus, i) for corpus in corpora for i, d in enumerate(corpus.defects) if not d]
+    if len(clean) < 2:
+        print(f"\nrewards on edited clips: skipped, only {len(clean)} defect-free test / validation clips")
+        return
+    audio = torch.stack([corpus.audio[i] for corpus, i in clean])
+    prompts = [corpus.captions[i] for corpus, i in clean]
+    versions = {"clean": audio, **{name: edit(audio, cfg["data"]["sample_rate"]) for name, edit in EDITS.items()}}
+    latents = {name: codec.encode(a) for name, a in versions.items()}
+    print(f"\n| reward on {len(clean)} defect-free corpus clips | " + " | ".join(versions) + " |")
+    print("| --- " * (len(versions) + 1) + "|")
+    for spec in cfg["eval"]["rewards"]:
+        c = copy.deepcopy(cfg)
+        c["reward"].update(parse_reward(spec))
+        reward = build_reward(c, codec)
+        scores = {name: reward.scores(reward.features(z, prompts), prompts) for name, z in latents.items()}
+        cells = []
+        for name, s in scores.items():
+            cell = f"{s.of(torch.arange(len(clean))):.4f}"
+            if name != "clean" and s.per_example is not None:
+                cell += f" (higher in {(s.per_example > scores['clean'].per_example).float().mean():.0%})"
+            cells.append(cell)
+        print(f"| {reward.name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def listener_validation(cfg, codec):
