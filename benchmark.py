@@ -40,7 +40,7 @@ from eval import changes_table, evaluate_models, human_study_stats, plot_radar, 
 from model import load_model
 from launch import parse_args, seeded_generator, set_key, setup_distributed
 from pretrain import pretrain
-from rewards import build_reward, parse_reward
+from rewards import build_reward_from_spec, parse_reward
 from sampler import generate_latents
 from train import sample_prompts, train
 
@@ -170,9 +170,7 @@ def group_of(name):
 def quality_bins(cfg, codec, latents, audio, n_bins=3):
     """Fig. 7: the held-out prompts split into thirds by the base model's aesthetics score (low /
     medium / high quality); per third the mean score of both models and the aesthetics run's win rate."""
-    c = copy.deepcopy(cfg)
-    c["reward"].update(parse_reward("aesthetics"))
-    reward = build_reward(c, codec)
+    reward = build_reward_from_spec(cfg, "aesthetics", codec)
     prompts = prompt_set(cfg["data"], "heldout")[: cfg["eval"]["n_prompts"]]
     base, ft = (reward.scores(reward.features(latents[n], prompts, audio[n]), prompts).per_example
                 for n in ("base", "aesthetics"))
@@ -204,9 +202,7 @@ def dplus_table(cfg, base, codec, text_encoder, device, encoders=("latent", "cla
     for encoder in encoders:
         rewards = {}
         for kind in ("fad_per_song", "fad_dataset"):
-            c = copy.deepcopy(cfg)
-            c["reward"].update(kind=kind, encoder=encoder)
-            reward = build_reward(c, codec)
+            reward = build_reward_from_spec(cfg, f"{kind}/{encoder}", codec)
             rewards[kind] = reward.scores(reward.features(latents, prompts, audio), prompts)
         song, dataset = rewards["fad_per_song"], rewards["fad_dataset"]
         sets = {"demonstrations (D1)": pairs[:, 0],

@@ -13,7 +13,6 @@ test with that listener as the voter (listen.preference on each pair of clips, t
 human_study_stats on the votes). Writes eval.md, eval.json, win_rates.png, radar.png and
 base-vs-fine-tuned WAV pairs next to the checkpoint.
 """
-import copy
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ from listen import listen, listening_summary, paired_changes, preference
 from model import load_model
 from launch import parse_args, setup_distributed
 from sampler import generate_latents
-from rewards import build_reward, parse_reward
+from rewards import build_reward_from_spec
 
 
 def human_study_stats(wins, n):
@@ -104,9 +103,7 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
         audio[set_name] = {name: codec.decode(z) for name, z in latents[set_name].items()}   # decoded once
         features = {}                                                     # (model, encoder) -> features
         for spec in ec["rewards"]:
-            c = copy.deepcopy(cfg)
-            c["reward"].update(parse_reward(spec))
-            reward = build_reward(c, codec)
+            reward = build_reward_from_spec(cfg, spec, codec)
             everyone = torch.arange(len(prompts))
             def scored(name):
                 key = (name, reward.encoder)

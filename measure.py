@@ -18,7 +18,6 @@ Then each reward on clean corpus clips made worse on purpose (EDITS: a silent ga
 more gain, clipped at full scale): a reward that scores an edit above the clean clip rewards
 that defect. Last, the listener's own accuracy on corpus clips with known defects.
 """
-import copy
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from model import load_model
 from launch import parse_args, setup_distributed
 from pretrain import pretrain
 from sampler import generate_latents
-from rewards import build_reward, parse_reward
+from rewards import build_reward, build_reward_from_spec
 
 EDITS = {                                                               # name -> audio [B, samples] -> edited audio
     "+0.25 s silent gap (a dropout)": lambda a, sr: silent_gap(a, int(0.25 * sr)),
@@ -71,10 +70,8 @@ def main(cfg, n=80):
     print(f"| reward | type | setup (one-off) s | score {n} clips s | value |")
     print("| --- | --- | --- | --- | --- |")
     for spec in cfg["eval"]["rewards"]:
-        c = copy.deepcopy(cfg)
-        c["reward"].update(parse_reward(spec))
         t0 = time.time()
-        reward = build_reward(c, codec)
+        reward = build_reward_from_spec(cfg, spec, codec)
         t_setup = time.time() - t0
         t0 = time.time()
         features = reward.features(latents, prompts)
@@ -128,13 +125,16 @@ def rewards_on_edited_clips(cfg, codec):
     prompts = [corpus.captions[i] for corpus, i in clean]
     versions = {"clean": audio, **{name: edit(audio, cfg["data"]["sample_rate"]) for name, edit in EDITS.items()}}
     latents = {name: codec.encode(a) for name, a in versions.items()}
+    heard = {name: codec.decode(z) for name, z in latents.items()}      # decoded once, as in eval.py
+    features = {}                                                       # (version, encoder) -> features
     print(f"\n| reward on {len(clean)} defect-free corpus clips | " + " | ".join(versions) + " |")
     print("| --- " * (len(versions) + 1) + "|")
     for spec in cfg["eval"]["rewards"]:
-        c = copy.deepcopy(cfg)
-        c["reward"].update(parse_reward(spec))
-        reward = build_reward(c, codec)
-        scores = {name: reward.scores(reward.features(z, prompts), prompts) for name, z in latents.items()}
+        reward = build_reward_from_spec(cfg, spec, codec)
+        for name, z in latents.items():
+            if (name, reward.encoder) not in features:
+                features[name, reward.encoder] = reward.features(z, prompts, heard[name])
+        scores = {name: reward.scores(features[name, reward.encoder], prompts) for name in latents}
         cells = []
         for name, s in scores.items():
             cell = f"{s.of(torch.arange(len(clean))):.4f}"

@@ -13,6 +13,7 @@ Encoders (the E of an exemplar reward), each giving frame embeddings [B, frames,
   clap    CLAP window embeddings (clap.py): offline, a small audio-text model fitted here on the
           training corpus (SmallClap); at real scale, transformers' ClapModel from a folder or hub name.
 """
+import copy
 import hashlib
 import json
 import os
@@ -443,6 +444,13 @@ def build_reward(cfg, codec, rank=0):
         encoder = clap if encoder_name == "clap" else LatentIdentity(cfg)
         ref = reference_stats(cfg, encoder, rc["reference"], lambda audio: frames(codec.encode(audio)), rank)
     return Reward(name, paper_type, encoder_name, frames, **builder(cfg, codec, clap, frames, ref, name, rank))
+
+
+def build_reward_from_spec(cfg, spec, codec, rank=0):
+    """The reward named by a spec of eval.rewards (parse_reward); the rest of section reward as in cfg."""
+    c = copy.deepcopy(cfg)
+    c["reward"].update(parse_reward(spec))
+    return build_reward(c, codec, rank)
 
 
 class LatentIdentity:
