@@ -32,14 +32,15 @@ import time
 import numpy as np
 import torch
 
-from data import cycled, prompt_set
-from encoders import TextEncoder, clip_latent_length, make_codec
+from data import prompt_set
+from encoders import clip_latent_length, make_codec, make_text_encoder
 from listen import listen, paired_changes, preference, validate_on_corpus, validation_table
 from dragon import build_sets
-from eval import changes_table, evaluate_models, human_study_stats, plot_radar, plot_win_rates, win_rate
+from eval import changes_table, evaluate_models, evaluation_prompts, human_study_stats, plot_radar, plot_win_rates
+from eval import listening_rows, listening_table, win_rate
 from model import load_model
-from launch import parse_args, seeded_generator, set_key, setup_distributed
-from pretrain import pretrain
+from launch import parse_args, seeded_generator, set_key, setup_distributed, use_bf16
+from pretrain import base_model
 from rewards import build_reward_from_spec, parse_reward
 from sampler import generate_latents
 from train import sample_prompts, train
@@ -49,7 +50,8 @@ GREEDY = {"dragon.sets": "greedy"}           # set rewards: D+ / D- by pair swap
 TARGETS = {   # run name: (the target reward's spec, as in eval.rewards; further train.py overrides)
     "aesthetics": ("aesthetics", {}),
     "clap_score": ("clap_score", {"dragon.demo_steps": 40}),                # 10-step demos: 68.0% [59.4, 75.8]
-    "fad_song_latent_alim": ("fad_per_song/latent/audio:alim", {}),        # the paper's VAE-PSFAD-ALIM
+    # the paper's VAE-PSFAD-ALIM at the paper's beta: listening test 56.4% at 5000 vs 44.3% at 500
+    "fad_song_latent_alim": ("fad_per_song/latent/audio:alim", {"dragon.beta": 5000.0}),
     "fad_song_latent_sd": ("fad_per_song/latent/audio:sd", {}),
     "fad_song_clap_alim": ("fad_per_song/clap/audio:alim", {}),
     "fad_song_clap_sd": ("fad_per_song/clap/audio:sd", {}),
@@ -108,15 +110,13 @@ def round_costs(log_path, cfg):
 
 def benchmark(cfg, runs=None):
     """Everything in the module docstring; `runs` (name -> (spec, overrides)) overrides benchmark.runs."""
-    _, _, device = setup_distributed(cfg)
+    _, _, device = setup_distributed(cfg, single="benchmark.py")
     t_start, seconds = time.time(), {}
-    if not os.path.isfile(os.path.join(cfg["out_dir"], "base.pt")):
-        pretrain(cfg)
-        seconds["pre-training"] = time.time() - t_start
+    base = load_model(base_model(cfg), map_location=device)[0].eval()     # pre-trained first when missing
+    seconds["pre-training"] = time.time() - t_start
     runs = runs or selected_runs(cfg)
-    codec = make_codec(cfg)
-    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
-    base = load_model(os.path.join(cfg["out_dir"], "base.pt"), map_location=device)[0].eval()
+    codec = make_codec(cfg, device)
+    text_encoder = make_text_encoder(cfg, device)
     checkpoints, costs = {}, {}
     for i, (name, (spec, overrides)) in enumerate(runs.items()):
         print(f"[{i + 1}/{len(runs)}] {name} ({time.time() - t_start:.0f}s so far)", flush=True)
@@ -141,6 +141,7 @@ def benchmark(cfg, runs=None):
     with torch.no_grad():
         matrix, latents, audio = evaluate_models(c, base, models, codec, text_encoder, device)
         bins = quality_bins(c, codec, latents["heldout"], audio["heldout"]) if "aesthetics" in models else []
+        heard, _ = listening_rows(c, audio, codec.sample_rate)                # loudness and defects per model
     rows = []
     for name, (spec, _) in runs.items():
         row = [r for r in matrix if r["model"] == name][specs.index(spec)]     # the run's own target reward
@@ -155,7 +156,7 @@ def benchmark(cfg, runs=None):
         accuracy = validate_on_corpus(cfg["data"], codec) if cfg["data"]["source"] == "synthetic" else {}
     seconds["listening test"] = time.time() - t0
     seconds["total"] = time.time() - t_start
-    report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds)
+    report(cfg, rows, matrix, bins, dplus, heard, votes, accuracy, seconds)
     return rows
 
 
@@ -171,7 +172,7 @@ def quality_bins(cfg, codec, latents, audio, n_bins=3):
     """Fig. 7: the held-out prompts split into thirds by the base model's aesthetics score (low /
     medium / high quality); per third the mean score of both models and the aesthetics run's win rate."""
     reward = build_reward_from_spec(cfg, "aesthetics", codec)
-    prompts = prompt_set(cfg["data"], "heldout")[: cfg["eval"]["n_prompts"]]
+    prompts, _ = evaluation_prompts(cfg, "heldout")
     base, ft = (reward.scores(reward.features(latents[n], prompts, audio[n]), prompts).per_example
                 for n in ("base", "aesthetics"))
     order = base.argsort()
@@ -194,7 +195,8 @@ def dplus_table(cfg, base, codec, text_encoder, device, encoders=("latent", "cla
     prompts, seeds = sample_prompts(prompt_set(cfg["data"], "train"), dc["prompts_per_round"], g)
     T = clip_latent_length(codec, cfg["data"])
     sampler_cfg = dict(cfg["sampler"], steps=cfg["benchmark"]["demo_steps"] or cfg["sampler"]["steps"])
-    latents = generate_latents(base, prompts, seeds, T, text_encoder, sampler_cfg, device)
+    latents = generate_latents(base, prompts, seeds, T, text_encoder, sampler_cfg, device,
+                               bf16=use_bf16(dc, device))
     audio = codec.decode(latents)
     P = dc["prompts_per_round"]
     pairs = torch.stack([torch.arange(P), torch.arange(P) + P], dim=1)
@@ -226,7 +228,7 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
     n, need = cfg["benchmark"]["listen_prompts"], cfg["benchmark"]["listen_pairs"]
     if not models or not n:
         return []
-    prompts, seeds = cycled(prompt_set(cfg["data"], "heldout"), n), [20_000 + i for i in range(n)]  # eval.py's seeds
+    prompts, seeds = evaluation_prompts(cfg, "heldout", n)               # eval.py's prompts and seeds, and more
     T = clip_latent_length(codec, cfg["data"])
 
     def heard(name, model, a, b):                      # listen() report of prompts[a:b]
@@ -235,7 +237,7 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
         parts = [clips[a:a + k]] if k else []
         if a + k < b:
             parts.append(codec.decode(generate_latents(model, prompts[a + k:b], seeds[a + k:b], T, text_encoder,
-                                                       cfg["sampler"], device)))
+                                                       cfg["sampler"], device, bf16=use_bf16(cfg["dragon"], device))))
         return listen(torch.cat(parts), codec.sample_rate, prompts[a:b])
 
     def joined(reports, m):                            # the first m clips of a list of listen() reports
@@ -266,7 +268,7 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
 # The report
 # =============================================================================================
 
-def report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds):
+def report(cfg, rows, matrix, bins, dplus, heard, votes, accuracy, seconds):
     """benchmark.md / .json / .png: the tables in the paper's shape, with costs and wall times."""
     targets = [r for r in rows if r["group"] == "target"]
     average = float(np.mean([r["win_rate"] for r in targets])) if targets else float("nan")
@@ -295,6 +297,8 @@ def report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds):
               "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {d['encoder']} | {d['reference']} | {d['set']} | {d['clips']} | {d['per_song_fad']:.4f} | "
               f"{d['dataset_fad']:.4f} |" for d in dplus]
+    lines += ["", "What the listener hears in each model's evaluation clips (the same clips as the table above):", "",
+              listening_table(heard)]
     if votes:
         lines += ["", f"The listening test (held-out prompts until {cfg['benchmark']['listen_pairs']} decisive pairs, "
                   f"at most {cfg['benchmark']['listen_prompts']}; the listener prefers fewer defects, then more of "
@@ -325,7 +329,7 @@ def report(cfg, rows, matrix, bins, dplus, votes, accuracy, seconds):
         f.write(text)
     with open(os.path.join(out, "benchmark.json"), "w") as f:
         json.dump({"rows": rows, "matrix": matrix, "average_win_rate": average, "fig7": bins, "dplus": dplus,
-                   "listening_test": votes, "listener_accuracy": accuracy, "seconds": seconds}, f, indent=1)
+                   "listening": heard, "listening_test": votes, "listener_accuracy": accuracy, "seconds": seconds}, f, indent=1)
     plot_win_rates(rows, os.path.join(out, "benchmark.png"))
     plot_radar([r for r in matrix if r["model"] in TARGETS], os.path.join(out, "benchmark_radar.png"))
     plot_fig3_fig7(cfg, rows, bins, os.path.join(out, "benchmark_fig3_fig7.png"))

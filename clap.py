@@ -22,6 +22,9 @@ from data import caption_for, load_corpus
 from encoders import TextEncoder, load_pretrained, make_codec
 from model import load_checkpoint, save_atomic
 
+CAPTION_VARIANTS = 2    # differently phrased captions per training clip, so paraphrases embed alike
+CAPTION_TOKENS = 64     # caption tokens the text tower sees: captions with two defects need about 40
+MEL_NOISE = 0.1         # noise added to training windows, for robustness to codec artifacts
 QUALITY_WORDS = {"off_scale": "with wrong notes", "detune": "out of tune", "hiss": "with background hiss",
                  "clipping": "distorted and clipped", "jitter": "with sloppy timing", "dropout": "with dropouts"}
 
@@ -75,33 +78,43 @@ def fit_small_clap(cfg, mel_codec, text_encoder, rank=0):
             return corpus.captions[i]
         words = [QUALITY_WORDS[d] for d in corpus.defects[i]]
         return caption_for(corpus.attributes[i], rng) + (", " + ", ".join(words) if words else "")
-    variants = [[describe(i) for i in range(len(corpus))] for _ in range(cc["caption_variants"])]
+    variants = [[describe(i) for i in range(len(corpus))] for _ in range(CAPTION_VARIANTS)]
     states = [text_encoder(v) for v in variants]
+    # a caption that says "with dropouts" describes the window that holds one: such clips are cut
+    # around their quietest frame (a dropout silences even the noise floor); other clips anywhere
+    at = torch.tensor([int("dropout" in d) for d in corpus.defects] or [0] * len(corpus)).bool()
+    quietest = torch.where(at, mel.sum(1).argmin(-1), -1)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])            # the same initial weights whatever ran before in this process
-        model = SmallClap(mel.shape[1], text_encoder.dim, cc["dim"], cc["width"], cc["window_frames"], cc["hop_frames"])
+        model = SmallClap(mel.shape[1], text_encoder.dim, window_frames=cc["window_frames"], hop_frames=cc["hop_frames"])
+    model.to(mel_codec.device)
     opt = torch.optim.Adam(model.parameters(), lr=cc["lr"])
     bar = tqdm(range(cc["steps"]), desc="fit CLAP", disable=rank != 0, dynamic_ncols=True)
     with torch.enable_grad():
         for _ in bar:
-            clap_step(model, opt, mel, states, cc, g, rng, bar)
+            clap_step(model, opt, mel, quietest, states, cc, g, rng, bar)
     model.eval()
     return model, clap_retrieval(model, mel_codec, text_encoder, cfg)
 
 
-def clap_step(model, opt, mel, states, cc, g, rng, bar):
-    """One symmetric InfoNCE step on B random windows and one phrasing of their captions."""
+def clap_step(model, opt, mel, quietest, states, cc, g, rng, bar):
+    """One symmetric InfoNCE step on B random windows and one phrasing of their captions; a window
+    of a clip with a frame in `quietest` (>= 0) holds that frame."""
     B, w = cc["batch_size"], cc["window_frames"]
     idx = torch.randperm(len(mel), generator=g)[:B]
     start = torch.randint(0, mel.shape[-1] - w + 1, (B,), generator=g)
+    q = quietest[idx]
+    around = (q - torch.randint(0, w, (B,), generator=g)).clamp(0, mel.shape[-1] - w)
+    start = torch.where(q >= 0, around, start)
     win = torch.stack([mel[i, :, s:s + w] for i, s in zip(idx.tolist(), start.tolist())])
-    win = win + cc["mel_noise"] * torch.randn(win.shape, generator=g)   # robust to codec artifacts
+    win = win + MEL_NOISE * torch.randn(win.shape, generator=g)        # robust to codec artifacts
     text, mask = states[int(rng.integers(len(states)))]
-    a = model.embed_mel_windows(win)
-    t = model.embed_text_states(text[idx], mask[idx])
+    device = model.log_temp.device
+    a = model.embed_mel_windows(win.to(device))
+    t = model.embed_text_states(text[idx].to(device), mask[idx].to(device))
     logits = model.log_temp.exp().clamp(max=100) * a @ t.T
-    labels = torch.arange(B)
+    labels = torch.arange(B, device=device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2   # symmetric InfoNCE
     opt.zero_grad()
     loss.backward()
@@ -147,14 +160,14 @@ class ClapEncoder:
     @torch.no_grad()
     def window_embeddings(self, audio):
         """audio [B, samples] at self.sample_rate -> [B, W, dim]."""
-        win = self.model.windows(self.mel.encode(audio))
+        win = self.model.windows(self.mel.encode(audio).to(self.mel.device))
         B, W = win.shape[:2]
-        return self.model.embed_mel_windows(win.reshape(B * W, *win.shape[2:])).reshape(B, W, -1)
+        return self.model.embed_mel_windows(win.reshape(B * W, *win.shape[2:])).reshape(B, W, self.dim).cpu()
 
     @torch.no_grad()
     def text_embedding(self, prompts):
         text, mask = self.text_encoder(prompts)
-        return self.model.embed_text_states(text, mask)
+        return self.model.embed_text_states(text.to(self.mel.device), mask.to(self.mel.device)).cpu()
 
     def audio_embedding(self, audio):
         """One embedding per clip: the normalised mean of its window embeddings."""
@@ -192,7 +205,7 @@ class HFClapEncoder:
         inputs = self.features(wins, sampling_rate=self.sample_rate, return_tensors="pt", padding="repeatpad",
                                truncation="rand_trunc")
         emb = self._pooled(self.model.get_audio_features(input_features=inputs["input_features"].to(self.device)))
-        return F.normalize(emb.float(), dim=-1).reshape(len(audio), len(starts), -1).cpu()
+        return F.normalize(emb.float(), dim=-1).reshape(len(audio), len(starts), self.dim).cpu()
 
     @torch.no_grad()
     def text_embedding(self, prompts):
@@ -217,23 +230,23 @@ def reward_dir(cfg):
 
 
 @functools.lru_cache(maxsize=4)
-def clap_text_encoder(name, max_tokens):
+def clap_text_encoder(name, max_tokens, device="cpu"):
     """The offline CLAP's text tower input: the generator's text encoder, but with room for its
     longer captions (attributes plus defect words), so no defect word is cut off."""
-    return TextEncoder(name, max_tokens)
+    return TextEncoder(name, max_tokens, device)
 
 
-def load_or_fit_clap(cfg, rank=0):
-    """The CLAP of the config: the offline SmallClap (fitted once, then loaded from
+def load_or_fit_clap(cfg, rank=0, device="cpu"):
+    """The CLAP of the config on `device`: the offline SmallClap (fitted once, then loaded from
     out_dir/rewards/clap.pt) or a pretrained ClapModel from clap.path."""
     cc = cfg["clap"]
     if cc["kind"] == "hf":
-        return HFClapEncoder(cc["path"], cc["window_seconds"], cc["hop_seconds"])
+        return HFClapEncoder(cc["path"], cc["window_seconds"], cc["hop_seconds"], device)
     if cc["kind"] != "small":
         raise ValueError(f"clap.kind must be 'small' or 'hf', got {cc['kind']!r}")
-    text_encoder = clap_text_encoder(cfg["text_encoder"]["name"], cc["max_tokens"])
+    text_encoder = clap_text_encoder(cfg["text_encoder"]["name"], CAPTION_TOKENS, device)
     # its front end is the mel transform of the codec section (whatever codec the generator uses)
-    mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)))
+    mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)), device)
     path = os.path.join(reward_dir(cfg), "clap.pt")
     fitted_on = {"clap": {k: v for k, v in cc.items() if k not in ("kind", "path")}, "data": cfg["data"],
                  "codec": cfg["codec"], "seed": cfg["seed"], "text_encoder": cfg["text_encoder"]}
@@ -242,7 +255,7 @@ def load_or_fit_clap(cfg, rank=0):
         if ckpt.get("fitted_on") == fitted_on:          # refit when the config it was fitted with changed
             model = SmallClap(**ckpt["config"])
             model.load_state_dict(ckpt["model"])
-            return ClapEncoder(model.eval(), mel, text_encoder)
+            return ClapEncoder(model.to(mel.device).eval(), mel, text_encoder)
     t0 = time.time()
     model, report = fit_small_clap(cfg, mel, text_encoder, rank)
     if rank == 0:

@@ -234,8 +234,10 @@ def render_drums(n, sr, bpm, rng):
     return out
 
 
-def render_clip(attrs, defects, sr, seconds, rng):
-    """Audio [samples] of one clip with the given attributes and defects (severities in [0, 1])."""
+def render_clip(attrs, defects, sr, seconds, rng, noise_floor=0.0):
+    """Audio [samples] of one clip with the given attributes and defects (severities in [0, 1]),
+    recorded over a noise floor of RMS `noise_floor` (room and microphone noise: real recordings are
+    never digitally silent, so a dropout, which cuts the noise too, is heard as a hole)."""
     n = int(sr * seconds)
     bpm = TEMPO_BPM[attrs["tempo"]]
     note_len = 60.0 / bpm / NOTES_PER_BEAT[attrs["density"]]
@@ -261,6 +263,8 @@ def render_clip(attrs, defects, sr, seconds, rng):
     audio *= LOUDNESS[attrs["dynamics"]]
     if attrs["percussion"] == "drums":
         audio += LOUDNESS[attrs["dynamics"]] * render_drums(n, sr, bpm, rng)
+    if noise_floor:
+        audio += noise_floor * rng.standard_normal(n)
     if "dropout" in defects:                                # defect: the signal cuts out
         for _ in range(int(rng.integers(1, 3))):
             gap = min(int(sr * 0.25 * defects["dropout"]), n // 2)
@@ -307,14 +311,15 @@ def clip_spec(split, i, seed, p_defect, restrict=None):
     return attrs, defects, caption_for(attrs, rng), rating_for(defects, rng), rng
 
 
-def synthetic_corpus(split, n, sr, seconds, seed, p_defect=0.5, rated_fraction=1.0, restrict=None):
-    """n clips of a split; clip i depends only on (seed, split, i). Exemplar sets are defect-free."""
+def synthetic_corpus(split, n, sr, seconds, seed, p_defect=0.5, rated_fraction=1.0, restrict=None, noise_floor=0.0,
+                     first=0):
+    """Clips first .. first + n - 1 of a split; clip i depends only on (seed, split, i)."""
     audio, captions, ratings, attributes, defects = [], [], [], [], []
-    for i in range(n):
+    for i in range(first, first + n):
         attrs, d, caption, r, rng = clip_spec(split, i, seed, p_defect, restrict)
         captions.append(caption)
         ratings.append(r if rng.random() < rated_fraction else float("nan"))
-        audio.append(render_clip(attrs, d, sr, seconds, rng))
+        audio.append(render_clip(attrs, d, sr, seconds, rng, noise_floor))
         attributes.append(attrs)
         defects.append(d)
     return Corpus(torch.from_numpy(np.stack(audio)), captions, torch.tensor(ratings, dtype=torch.float32),
@@ -367,19 +372,33 @@ def list_fingerprint(path):
     return entries
 
 
+def rated_files(captions_file):
+    """How many files of a captions file have a rating (a third, numeric column), read without audio."""
+    rated = 0
+    for lineno, line in read_lines(captions_file, "captions"):
+        cols = line.split("\t")
+        if len(cols) == 3:
+            try:
+                float(cols[2])
+            except ValueError:
+                raise ValueError(f"{captions_file}:{lineno}: rating '{cols[2]}' is not a number") from None
+            rated += 1
+    return rated
+
+
 def read_prompts(path):
     """One prompt per line."""
     return [p.strip() for _, p in read_lines(path, "prompt")]
 
 
-def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True):
+def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True, lines=slice(None)):
     """Clips listed in a captions file, one line per clip: `path<TAB>caption[<TAB>rating]`
-    (paths relative to the captions file). Long clips are cut into non-overlapping windows of
-    `seconds`; a clip shorter than one window is an error, never a silent skip."""
+    (paths relative to the captions file; `lines`: a slice of its entries). Long clips are cut into
+    non-overlapping windows of `seconds`; a clip shorter than one window is an error, never a silent skip."""
     root = os.path.dirname(os.path.abspath(captions_file))
     window = int(sr * seconds)
     audio, captions, ratings, files = [], [], [], []
-    for lineno, line in read_lines(captions_file, "captions"):
+    for lineno, line in read_lines(captions_file, "captions")[lines]:
         cols = line.split("\t")
         where = f"{captions_file}:{lineno}"
         if len(cols) not in (2, 3):
@@ -405,22 +424,42 @@ def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True):
     return Corpus(a[:, 0] if mono else a, captions, torch.tensor(ratings, dtype=torch.float32), files=files)
 
 
+def synthetic_args(data_cfg, split, n=None, restrict=None, p_defect=None):
+    """synthetic_corpus's arguments for a split of config section data (n clips, default n_<split>)."""
+    return (split, n if n is not None else data_cfg[f"n_{split}"], data_cfg["sample_rate"], data_cfg["clip_seconds"],
+            data_cfg["seed"], data_cfg["p_defect"] if p_defect is None else p_defect,
+            data_cfg["rated_fraction"] if split == "train" else 1.0, restrict, data_cfg["noise_floor"])
+
+
 def load_corpus(data_cfg, split, n=None, restrict=None, p_defect=None):
     """The corpus of a split from config: synthetic (generated) or folder (captions file per split).
     The synthetic training split is rendered once per process (pre-training, the CLAP and the
     aesthetics head all read it in train.py); callers must not modify it."""
     if data_cfg["source"] == "synthetic":
-        args = (split, n if n is not None else data_cfg[f"n_{split}"], data_cfg["sample_rate"],
-                data_cfg["clip_seconds"], data_cfg["seed"], data_cfg["p_defect"] if p_defect is None else p_defect,
-                data_cfg["rated_fraction"] if split == "train" else 1.0)
-        return cached_corpus(*args) if split == "train" and restrict is None else synthetic_corpus(*args, restrict)
+        args = synthetic_args(data_cfg, split, n, restrict, p_defect)
+        return cached_corpus(*args) if split == "train" and restrict is None else synthetic_corpus(*args)
     if data_cfg["source"] == "folder":
         path = data_cfg[f"{split}_captions"]
         if not path:
             raise ValueError(f"data.{split}_captions must name a captions file when data.source=folder")
-        return folder_corpus(path, data_cfg["sample_rate"], data_cfg["clip_seconds"], data_cfg["mono"],
-                             data_cfg["resample"])
+        return folder_corpus(path, data_cfg["sample_rate"], data_cfg["clip_seconds"], True, data_cfg["resample"])
     raise ValueError(f"data.source must be 'synthetic' or 'folder', got {data_cfg['source']!r}")
+
+
+def corpus_chunks(data_cfg, split, size):
+    """The corpus of a split in chunks of about `size` clips (of `size` files for a folder corpus), so
+    a corpus larger than memory can be encoded piece by piece."""
+    if data_cfg["source"] == "synthetic":
+        n = data_cfg[f"n_{split}"]
+        for first in range(0, n, size):
+            yield synthetic_corpus(*synthetic_args(data_cfg, split, min(size, n - first)), first)
+        return
+    path = data_cfg[f"{split}_captions"]
+    if not path:
+        raise ValueError(f"data.{split}_captions must name a captions file when data.source=folder")
+    for first in range(0, len(read_lines(path, "captions")), size):
+        yield folder_corpus(path, data_cfg["sample_rate"], data_cfg["clip_seconds"], True, data_cfg["resample"],
+                            slice(first, first + size))
 
 
 def cycled(prompts, n):
@@ -458,6 +497,6 @@ def prompt_set(data_cfg, name):
 def check_finite(x, where, items="clips", error=ValueError):
     """Reject NaN/inf values with a message that names the caller and the offending items (dim 0)."""
     x = torch.as_tensor(x)
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    bad = ~torch.isfinite(x.flatten(1) if x.dim() > 1 else x[:, None]).all(dim=1)
     if bad.any():
         raise error(f"{where}: {items} {bad.nonzero().flatten().tolist()} contain NaN or infinite values")

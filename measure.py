@@ -18,18 +18,17 @@ Then each reward on clean corpus clips made worse on purpose (EDITS: a silent ga
 more gain, clipped at full scale): a reward that scores an edit above the clean clip rewards
 that defect. Last, the listener's own accuracy on corpus clips with known defects.
 """
-import os
 import sys
 import time
 
 import torch
 
 from data import load_corpus, prompt_set
-from encoders import TextEncoder, clip_latent_length, make_codec
+from encoders import clip_latent_length, make_codec, make_text_encoder
 from listen import listen, listening_summary, validate_on_corpus, validation_table
 from model import load_model
-from launch import parse_args, setup_distributed
-from pretrain import pretrain
+from launch import parse_args, setup_distributed, use_bf16
+from pretrain import base_model
 from sampler import generate_latents
 from rewards import build_reward, build_reward_from_spec
 
@@ -50,18 +49,15 @@ SAMPLER_VARIANTS = {                                                    # name -
 
 
 def main(cfg, n=80):
-    _, _, device = setup_distributed(cfg)
-    base = os.path.join(cfg["out_dir"], "base.pt")
-    if not os.path.isfile(base):
-        print(f"no base model at {base}: pre-training it first")
-        pretrain(cfg)
-    model = load_model(base, map_location=device)[0].eval()
-    codec = make_codec(cfg)
-    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    _, _, device = setup_distributed(cfg, single="measure.py")
+    model = load_model(base_model(cfg), map_location=device)[0].eval()   # pre-trained first when missing
+    codec = make_codec(cfg, device)
+    text_encoder = make_text_encoder(cfg, device)
     prompts = (prompt_set(cfg["data"], "heldout") * 2)[:n]
     T = clip_latent_length(codec, cfg["data"])
     t0 = time.time()
-    latents = generate_latents(model, prompts, list(range(n)), T, text_encoder, cfg["sampler"], device)
+    latents = generate_latents(model, prompts, list(range(n)), T, text_encoder, cfg["sampler"], device,
+                               bf16=use_bf16(cfg["dragon"], device))
     t_gen = time.time() - t0
     t0 = time.time()
     codec.decode(latents)
@@ -96,7 +92,7 @@ def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
     for name, overrides in SAMPLER_VARIANTS.items():
         t0 = time.time()
         latents = generate_latents(model, prompts, list(range(n)), T, text_encoder, {**cfg["sampler"], **overrides},
-                                   device)
+                                   device, bf16=use_bf16(cfg["dragon"], device))
         seconds = time.time() - t0
         heard = listening_summary(listen(codec.decode(latents), sr, prompts))
         r = reward.features(latents, prompts)
@@ -112,36 +108,42 @@ def silent_gap(audio, n):
     return out
 
 
-def rewards_on_edited_clips(cfg, codec):
-    """Each reward of eval.rewards on the defect-free test and validation clips, as they are and after
-    each of EDITS (through the codec, as a generation would be scored): the batch's reward and, for
-    instance types, the share of clips the edit made score higher."""
+def edited_clip_scores(cfg, codec, specs):
+    """Each reward of `specs` on the n defect-free test and validation clips, as they are and after each
+    of EDITS (through the codec, as a generation would be scored): (n, {reward name: {version: Scores}})."""
     corpora = [load_corpus(cfg["data"], split) for split in ("test", "valid")]
     clean = [(corpus, i) for corpus in corpora for i, d in enumerate(corpus.defects) if not d]
     if len(clean) < 2:
-        print(f"\nrewards on edited clips: skipped, only {len(clean)} defect-free test / validation clips")
-        return
+        raise ValueError(f"edited clips: only {len(clean)} defect-free test / validation clips")
     audio = torch.stack([corpus.audio[i] for corpus, i in clean])
     prompts = [corpus.captions[i] for corpus, i in clean]
     versions = {"clean": audio, **{name: edit(audio, cfg["data"]["sample_rate"]) for name, edit in EDITS.items()}}
     latents = {name: codec.encode(a) for name, a in versions.items()}
     heard = {name: codec.decode(z) for name, z in latents.items()}      # decoded once, as in eval.py
-    features = {}                                                       # (version, encoder) -> features
-    print(f"\n| reward on {len(clean)} defect-free corpus clips | " + " | ".join(versions) + " |")
-    print("| --- " * (len(versions) + 1) + "|")
-    for spec in cfg["eval"]["rewards"]:
+    features, out = {}, {}                                              # (version, encoder) -> features
+    for spec in specs:
         reward = build_reward_from_spec(cfg, spec, codec)
         for name, z in latents.items():
             if (name, reward.encoder) not in features:
                 features[name, reward.encoder] = reward.features(z, prompts, heard[name])
-        scores = {name: reward.scores(features[name, reward.encoder], prompts) for name in latents}
-        cells = []
-        for name, s in scores.items():
-            cell = f"{s.of(torch.arange(len(clean))):.4f}"
-            if name != "clean" and s.per_example is not None:
-                cell += f" (higher in {(s.per_example > scores['clean'].per_example).float().mean():.0%})"
+        out[reward.name] = {name: reward.scores(features[name, reward.encoder], prompts) for name in latents}
+    return len(clean), out
+
+
+def rewards_on_edited_clips(cfg, codec):
+    """Print edited_clip_scores for eval.rewards: the clips' reward and, for instance types, the share
+    of clips the edit made score higher (a reward that scores an edit higher rewards that defect)."""
+    n, scores = edited_clip_scores(cfg, codec, cfg["eval"]["rewards"])
+    print(f"\n| reward on {n} defect-free corpus clips | " + " | ".join(["clean", *EDITS]) + " |")
+    print("| --- " * (len(EDITS) + 2) + "|")
+    for name, by_version in scores.items():
+        clean, cells = by_version["clean"], []
+        for version, s in by_version.items():
+            cell = f"{s.of(torch.arange(n)):.4f}"
+            if version != "clean" and s.per_example is not None:
+                cell += f" (higher in {(s.per_example > clean.per_example).float().mean():.0%})"
             cells.append(cell)
-        print(f"| {reward.name} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def listener_validation(cfg, codec):

@@ -217,8 +217,7 @@ class DiT(nn.Module):
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """Exponential moving average of the weights: ema <- decay ema + (1 - decay) model."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def count_parameters(model):

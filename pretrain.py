@@ -12,17 +12,22 @@ device and torchrun set-up.
 """
 import copy
 import json
+import math
 import os
+import resource
 import sys
 import time
+import warnings
 
+import numpy as np
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from launch import autocast, log, parse_args, seeded_generator, setup_distributed, use_bf16
-from data import cycled, load_corpus, prompt_set, write_wav
-from encoders import TextEncoder, clip_latent_length, make_codec
+from launch import autocast, finish_distributed, gather, log, parse_args, rank_shard, seeded_generator
+from launch import rank0_first, setup_distributed, use_bf16, wait_for_rank0
+from data import corpus_chunks, cycled, list_fingerprint, load_corpus, prompt_set, write_wav
+from encoders import clip_latent_length, make_codec, make_text_encoder
 from listen import listen, listening_summary
 from model import DiT, DiTConfig, count_parameters, drop_condition, load_checkpoint, loss_per_example, sample_sigma
 from model import save_atomic, save_model, update_ema
@@ -32,16 +37,71 @@ from sampler import generate_latents
 # Data: latents and text states of the training split
 # =============================================================================================
 
+N_WAV = 8    # WAV samples of held-out prompts written at the end
+
+
 def encode_in_batches(codec, audio, batch=256):
     return torch.cat([codec.encode(audio[i:i + batch]) for i in range(0, len(audio), batch)])
 
 
-def training_tensors(cfg, codec, text_encoder):
-    """Latents [N, C, T], text states [N, L, D] and mask [N, L] of the training split."""
-    corpus = load_corpus(cfg["data"], "train")
-    latents = encode_in_batches(codec, corpus.audio)
-    text, mask = text_encoder(corpus.captions)
-    return latents, text, mask
+def encoded_corpus(cfg, codec, text_encoder, rank=0, world=1):
+    """Latents [N, C, T], text states [N, L, D] and masks [N, L] of the training split, as numpy
+    memory maps: encoded once, a chunk at a time, by rank 0 into out_dir/corpus/ (raw .bin files
+    and meta.json, as nanoGPT's train.bin) and opened by every rank, which reads only the rows it
+    samples (the ranks of one machine share the pages). Encoded again when the data, codec or
+    text encoder settings, or a folder corpus's files, change."""
+    folder = os.path.join(cfg["out_dir"], "corpus")
+    key = {k: cfg[k] for k in ("data", "codec", "text_encoder")}
+    if cfg["data"]["source"] == "folder":
+        key["files"] = list_fingerprint(cfg["data"]["train_captions"])
+    meta_path = os.path.join(folder, "meta.json")
+
+    def cached():
+        return os.path.isfile(meta_path) and json.load(open(meta_path))["key"] == json.loads(json.dumps(key))
+
+    def write():
+        if cached():
+            return
+        os.makedirs(folder, exist_ok=True)
+        n, L, total, total_sq = 0, text_encoder.max_tokens, 0.0, 0.0
+        with open(os.path.join(folder, "latents.bin"), "wb") as fz, open(os.path.join(folder, "text.bin"), "wb") as ft, \
+                open(os.path.join(folder, "mask.bin"), "wb") as fm:
+            for chunk in corpus_chunks(cfg["data"], "train", 1024):
+                z = encode_in_batches(codec, chunk.audio)
+                text, mask = text_encoder(chunk.captions, keep=False)
+                fz.write(z.numpy().astype(np.float32).tobytes())
+                ft.write(F.pad(text, (0, 0, 0, L - text.shape[1])).numpy().astype(np.float32).tobytes())
+                fm.write(F.pad(mask, (0, L - mask.shape[1])).numpy().astype(np.bool_).tobytes())
+                n, total, total_sq = n + len(z), total + z.double().sum().item(), total_sq + z.double().pow(2).sum().item()
+        count = n * z[0].numel()
+        meta = {"key": key, "n": n, "latent": list(z.shape[1:]), "text": [L, text.shape[2]],
+                "mean": total / count, "std": (total_sq / count - (total / count) ** 2) ** 0.5}
+        with open(meta_path + ".tmp", "w") as f:                   # written last: a cut write is redone
+            json.dump(meta, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    rank0_first(world, rank, write)
+    meta = json.load(open(meta_path))
+    n, (C, T), (L, D) = meta["n"], meta["latent"], meta["text"]
+    opened = [np.memmap(os.path.join(folder, f"{name}.bin"), dtype, "r", shape=shape) for name, dtype, shape in
+              (("latents", np.float32, (n, C, T)), ("text", np.float32, (n, L, D)), ("mask", np.bool_, (n, L)))]
+    return (*opened, meta)
+
+
+def rows(array, idx):
+    """The rows idx (a tensor) of a memory-mapped array, as a tensor in memory."""
+    return torch.from_numpy(np.ascontiguousarray(array[idx.numpy()]))
+
+
+def latent_scale_advice(cfg, meta):
+    """A warning when the corpus's latents are far from EDM's sigma_data (the preconditioning
+    assumes it): the measured mean and std and the codec settings that would fix them."""
+    sd, mean, std, c = cfg["model"]["sigma_data"], meta["mean"], meta["std"], cfg["codec"]
+    if abs(std / sd - 1) <= 0.25:
+        return None
+    fix = (f"codec.log_mean={c['log_mean'] + mean * c['log_scale']:.3g} codec.log_scale="
+           f"{c['log_scale'] * std / sd:.3g}" if c["kind"] == "mel" else f"codec.latent_scale={c['latent_scale'] * sd / std:.3g}")
+    return (f"the training latents have mean {mean:.3f} and std {std:.3f}, but EDM's preconditioning assumes std "
+            f"model.sigma_data={sd}: pre-train again with {fix} (measured on this corpus) and a new out_dir")
 
 
 # =============================================================================================
@@ -58,16 +118,19 @@ def pretrain(cfg):
     pc, out = cfg["pretrain"], cfg["out_dir"]
     state_path, base_path = os.path.join(out, "pretrain_state.pt"), os.path.join(out, "base.pt")
     torch.manual_seed(cfg["seed"])
-    codec = make_codec(cfg)
-    text_encoder = TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    codec = make_codec(cfg, device)
+    text_encoder = make_text_encoder(cfg, device)
     if codec.latent_channels != cfg["model"]["latent_channels"] or text_encoder.dim != cfg["model"]["text_dim"]:
         raise ValueError(f"model.latent_channels={cfg['model']['latent_channels']} / model.text_dim="
                          f"{cfg['model']['text_dim']} must match the codec ({codec.latent_channels}) and the "
                          f"text encoder ({text_encoder.dim})")
     t0 = time.time()
-    latents, text, mask = training_tensors(cfg, codec, text_encoder)
-    log(rank, f"data: {len(latents)} clips -> latents {tuple(latents.shape[1:])}, std {latents.std():.3f}, "
-              f"text states {tuple(text.shape[1:])} ({time.time() - t0:.0f}s)")
+    latents, text, mask, meta = encoded_corpus(cfg, codec, text_encoder, rank, world)
+    log(rank, f"data: {len(latents)} clips -> latents {tuple(latents.shape[1:])}, mean {meta['mean']:.3f}, std "
+              f"{meta['std']:.3f}, text states {tuple(text.shape[1:])} ({time.time() - t0:.0f}s)")
+    advice = latent_scale_advice(cfg, meta)
+    if advice and rank == 0:
+        warnings.warn(advice)
 
     model = DiT(DiTConfig(**cfg["model"])).to(device)
     model.grad_checkpointing = pc["grad_checkpointing"]
@@ -75,7 +138,7 @@ def pretrain(cfg):
     opt = torch.optim.Adam(model.parameters(), lr=pc["lr"])
     step = 0
     if pc["resume"] and os.path.isfile(state_path):
-        state = load_checkpoint(state_path, map_location=device)
+        state = load_checkpoint(state_path)           # on the CPU: Adam's step counters must stay there
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -84,45 +147,58 @@ def pretrain(cfg):
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     log(rank, f"model: {count_parameters(model) / 1e6:.2f}M parameters, {world} process(es) on {device}")
 
-    B = pc["batch_size"] // world
-    if B * world != pc["batch_size"]:
-        raise ValueError(f"pretrain.batch_size={pc['batch_size']} must be divisible by the {world} processes")
+    B, s = pc["batch_size"], rank_shard(pc["batch_size"], rank, world)
+    if B % world:
+        raise ValueError(f"pretrain.batch_size={B} must be divisible by the {world} processes")
     bar = tqdm(total=pc["steps"], initial=step, desc="pretrain", disable=rank != 0, dynamic_ncols=True)
     while step < pc["steps"]:
-        g = seeded_generator(cfg["seed"], step, rank)
+        g = seeded_generator(cfg["seed"], step)      # the global batch, the same on every rank; each takes its shard
         idx = torch.randint(len(latents), (B,), generator=g)
-        x0, c = latents[idx].to(device), text[idx].to(device)
-        m = drop_condition(mask[idx], pc["cond_dropout"], g).to(device)          # 10% condition dropout
-        sigma = sample_sigma(B, pc["P_mean"], pc["P_std"], g).to(device)        # ln sigma ~ N(P_mean, P_std^2)
-        noise = torch.randn(x0.shape, generator=g).to(device)
+        m = drop_condition(rows(mask, idx), pc["cond_dropout"], g)[s].to(device)   # 10% condition dropout
+        sigma = sample_sigma(B, pc["P_mean"], pc["P_std"], g)[s].to(device)        # ln sigma ~ N(P_mean, P_std^2)
+        noise = torch.randn((B, *latents.shape[1:]), generator=g)[s].to(device)
+        x0, c = rows(latents, idx[s]).to(device), rows(text, idx[s]).to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, pc)
         with autocast(device, use_bf16(pc, device)):
-            loss = loss_per_example(train_model, x0, c, m, sigma, noise).mean()  # EDM loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step}; the last good "
-                                     f"checkpoint is {state_path}")
+            loss = loss_per_example(train_model, x0, c, m, sigma, noise).mean()  # EDM loss (DDP: mean over ranks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), pc["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         update_ema(ema, model, pc["ema_decay"])
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step - 1, pc):.1e}")
-        if rank == 0 and (step % pc["ckpt_every"] == 0 or step == pc["steps"]):
+        save = step % pc["ckpt_every"] == 0 or step == pc["steps"]
+        if step % 10 == 0 or save:                   # read the loss now and then: each read waits for the GPU
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"pretrain: loss is {value} at step {step}; the last good checkpoint is "
+                                         f"{state_path}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_at(step - 1, pc):.1e}")
+        if rank == 0 and save:
             save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                          "step": step, "model_config": cfg["model"]}, state_path)
     bar.close()
+    peak = gather(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20]), world)   # Linux: KiB
+    log(rank, "peak memory per process: " + ", ".join(f"{p:.2f} GB" for p in peak.tolist()))
     if rank == 0:
         save_model(base_path, ema, step=step, text_encoder=cfg["text_encoder"]["name"],
                    codec=cfg["codec"]["kind"], sample_rate=cfg["data"]["sample_rate"])
         log(rank, f"saved the base model (EMA) to {base_path}")
-        if pc["n_samples"] or pc["n_check"]:
+        if pc["n_check"]:
             check_base(cfg, ema, codec, text_encoder, device)
-    if world > 1:
-        dist.barrier()
+    wait_for_rank0(world)
     return base_path
+
+
+def base_model(cfg):
+    """The path of out_dir/base.pt, pre-training the base model first when there is none."""
+    path = os.path.join(cfg["out_dir"], "base.pt")
+    if not os.path.isfile(path):
+        log(int(os.environ.get("RANK", 0)), f"no base model at {path}: pre-training it first (pretrain.py)")
+        pretrain(cfg)
+    return path
 
 
 def check_base(cfg, model, codec, text_encoder, device):
@@ -132,13 +208,13 @@ def check_base(cfg, model, codec, text_encoder, device):
     matches the one the prompt names (chance: 1/3). Written to out_dir/check.json."""
     pc, sr = cfg["pretrain"], cfg["data"]["sample_rate"]
     heldout = prompt_set(cfg["data"], "heldout")
-    n = max(pc["n_samples"], pc["n_check"])
+    n = pc["n_check"]
     prompts = cycled(heldout, n)                                  # new seeds for the repeats
     T = clip_latent_length(codec, cfg["data"])
     t0 = time.time()
     audio = codec.decode(generate_latents(model, prompts, list(range(len(prompts))), T, text_encoder,
                                           cfg["sampler"], device, bf16=use_bf16(cfg["pretrain"], device)))
-    for i in range(min(pc["n_samples"], len(prompts))):
+    for i in range(min(N_WAV, len(prompts))):
         path = os.path.join(cfg["out_dir"], "samples", f"pretrain_{i:02d}.wav")
         write_wav(path, audio[i], sr)
         tqdm.write(f"  {path}: {prompts[i]}")
@@ -168,3 +244,4 @@ def rms_quartiles(audio):
 
 if __name__ == "__main__":
     pretrain(parse_args(sys.argv[1:]))
+    finish_distributed()

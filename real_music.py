@@ -16,6 +16,13 @@ unknown ("instrumental game soundtrack"). Then, e.g.:
   python pretrain.py config.yaml data.source=folder data.train_captions=OUT_DIR/train.tsv \
       data.test_captions=OUT_DIR/test.tsv data.heldout_prompts=OUT_DIR/heldout.txt \
       data.user_prompts=OUT_DIR/user.txt out_dir=runs/real
+
+    python real_music.py OUT_DIR --benchmark [section.key=value ...]
+
+runs benchmark.py's experiment on that corpus (out_dir runs/real): one DRAGON run per reward type
+that needs no ratings (REAL_RUNS; the exemplars are the held-out files or their captions), each
+evaluated against the base model on the held-out captions (cycled, new seeds), with the level,
+clipping and dropouts the listener hears in both models' clips.
 """
 import argparse
 import glob
@@ -32,6 +39,33 @@ PACKAGES = ["openttd-openmsx", "fluidsynth", "fluid-soundfont-gm", "drascula-mus
 GM_FAMILIES = ["piano", "chromatic percussion", "organ", "guitar", "bass", "strings", "string ensemble",
                "brass", "reeds", "pipes", "synth lead", "synth pad", "synth effects", "ethnic instruments",
                "percussion", "sound effects"]
+
+
+GREEDY = {"dragon.sets": "greedy"}
+REAL_RUNS = {   # run name: (target reward spec, {out}: the corpus folder; train.py overrides)
+    "clap_score": ("clap_score", {"dragon.demo_steps": 40}),
+    "fad_song_latent": ("fad_per_song/latent/audio:{out}/test.tsv", {}),
+    "fad_song_clap": ("fad_per_song/clap/audio:{out}/test.tsv", {}),
+    "fad_song_text": ("fad_per_song/clap/text:{out}/heldout.txt", {}),
+    "fad_dataset_clap": ("fad_dataset/clap/audio:{out}/test.tsv", GREEDY),
+    "vendi_clap": ("vendi/clap", {**GREEDY, "dragon.demo_steps": 40}),
+}
+
+
+def folder_overrides(out):
+    """The data.* overrides that point config.yaml at the corpus in `out`."""
+    return ["data.source=folder", f"data.train_captions={out}/train.tsv", f"data.test_captions={out}/test.tsv",
+            f"data.heldout_prompts={out}/heldout.txt", f"data.user_prompts={out}/user.txt"]
+
+
+def real_benchmark(out, overrides):
+    from benchmark import benchmark
+    from launch import load_config
+    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml"), [
+        *folder_overrides(out), "out_dir=runs/real", f"reward.reference=audio:{out}/test.tsv",
+        "eval.rewards=[clap_score, vendi/clap]", "benchmark.listen_runs=[]", *overrides])
+    return benchmark(cfg, {name: (spec.format(out=os.path.abspath(out)), o) for name, (spec, o) in REAL_RUNS.items()
+                           if not cfg["benchmark"]["runs"] or name in cfg["benchmark"]["runs"]})
 
 
 def read_varlen(data, i):
@@ -92,7 +126,11 @@ def main(argv):
     ap.add_argument("out_dir")
     ap.add_argument("--install", action="store_true", help="apt-get install the Debian packages (root)")
     ap.add_argument("--sample-rate", type=int, default=44100, help="rate the files are written at")
+    ap.add_argument("--benchmark", nargs="*", metavar="KEY=VALUE",
+                    help="run the benchmark on an existing corpus in out_dir, with config overrides")
     args = ap.parse_args(argv)
+    if args.benchmark is not None:
+        return real_benchmark(args.out_dir, args.benchmark)
     if args.install:
         run(["apt-get", "install", "-y", "-qq", *PACKAGES])
     missing = [p for p in (MIDI_DIR, OGG_DIR, SOUNDFONT) if not os.path.exists(p)] + \

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clap import load_or_fit_clap, reward_dir
-from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, list_fingerprint, load_corpus, read_prompts, resample
+from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, list_fingerprint, load_corpus, rated_files
+from data import read_prompts, resample
 from model import load_checkpoint, save_atomic
 
 # =============================================================================================
@@ -90,6 +91,10 @@ def vendi_score(embeddings):
 # The aesthetics predictor: frozen CLAP audio embedding -> kernel ridge regression (paper)
 # =============================================================================================
 
+VAL_FRACTION = 0.15     # paper: an 85/15 split of the rated clips for validation
+RIDGE = 0.1             # kernel ridge regulariser on z-scored ratings
+
+
 def rbf_kernel(a, b, lengthscale):
     return torch.exp(-torch.cdist(_f64(a), _f64(b)).pow(2) / (2 * lengthscale ** 2))
 
@@ -119,13 +124,18 @@ def fit_aesthetics(cfg, embed_audio):
     ac = cfg["aesthetics"]
     corpus = load_corpus(cfg["data"], "train")
     rated = torch.isfinite(corpus.ratings).nonzero().flatten()[: ac["max_clips"]]
+
+    def rated_units(rated, what):                   # rated files (real data) or clips (synthetic), at least 20
+        unit = [corpus.files[i] for i in rated.tolist()] if corpus.files else rated.tolist()
+        if len(set(unit)) < 20:
+            how = ("add a 1-5 rating as a third tab-separated column to the lines of data.train_captions"
+                   if corpus.files else "raise data.rated_fraction or data.n_train")
+            raise ValueError(f"aesthetics: only {len(set(unit))} {what} training {'files' if corpus.files else 'clips'}; "
+                             f"need at least 20: {how}")
+        return unit
+    rated_units(rated, "rated")
     rated = rated[audible(corpus.audio[rated], "aesthetics: rated training clips")]
-    unit = [corpus.files[i] for i in rated.tolist()] if corpus.files else rated.tolist()   # rated files or clips
-    if len(set(unit)) < 20:
-        how = ("add a 1-5 rating as a third tab-separated column to the lines of data.train_captions"
-               if corpus.files else "raise data.rated_fraction or data.n_train")
-        raise ValueError(f"aesthetics: only {len(set(unit))} rated training {'files' if corpus.files else 'clips'}; "
-                         f"need at least 20: {how}")
+    unit = rated_units(rated, "rated, audible")
     X = torch.cat([embed_audio(corpus.audio[rated[i:i + 128]]) for i in range(0, len(rated), 128)])
     y = corpus.ratings[rated].double()
     mean, std = float(y.mean()), float(y.std())
@@ -133,19 +143,19 @@ def fit_aesthetics(cfg, embed_audio):
     g = torch.Generator().manual_seed(cfg["seed"])
     if corpus.files:                   # real data: all windows of a file fall on the same side of the split
         files = sorted(set(unit))
-        held = {files[k] for k in torch.randperm(len(files), generator=g)[: max(1, round(ac["val_fraction"] *
+        held = {files[k] for k in torch.randperm(len(files), generator=g)[: max(1, round(VAL_FRACTION *
                                                                                        len(files)))].tolist()}
         is_val = torch.tensor([u in held for u in unit])
         val, tr = is_val.nonzero().flatten(), (~is_val).nonzero().flatten()
     else:
         perm = torch.randperm(len(rated), generator=g)
-        n_val = int(round(ac["val_fraction"] * len(rated)))
+        n_val = int(round(VAL_FRACTION * len(rated)))
         val, tr = perm[:n_val], perm[n_val:]
     groups = [f"{corpus.attributes[i]['instrument']}-{corpus.attributes[i]['register']}" if corpus.attributes
               else corpus.captions[i] for i in rated.tolist()]
     best = None
     for ls in ac["lengthscales"]:
-        alpha = fit_kernel_ridge(X[tr], y[tr], ls, ac["ridge"])
+        alpha = fit_kernel_ridge(X[tr], y[tr], ls, RIDGE)
         pred = rbf_kernel(X[val], X[tr], ls) @ alpha
         plcc = float(np.corrcoef(pred.numpy(), y[val].numpy())[0, 1])
         if best is None or (np.isfinite(plcc) and not plcc <= best[1]):      # an undefined PLCC never wins
@@ -155,7 +165,7 @@ def fit_aesthetics(cfg, embed_audio):
     if not np.isfinite(plcc):
         raise ValueError(f"aesthetics: the validation PLCC is undefined on {len(val)} held-out clips (their ratings or "
                          f"predictions are constant); rate more files, with different ratings")
-    alpha = fit_kernel_ridge(X, y, ls, ac["ridge"])       # refit on all rated clips
+    alpha = fit_kernel_ridge(X, y, ls, RIDGE)             # refit on all rated clips
     return {"X": X, "alpha": alpha, "lengthscale": ls, "mean": mean, "std": std,
             "report": {"plcc": plcc, "srcc_per_prompt": srcc, "n_train": len(tr), "n_val": len(val), "lengthscale": ls}}
 
@@ -192,21 +202,15 @@ def predict_aesthetics(head, embeddings):
 def reference_items(cfg, reference):
     """'audio:NAME' -> a Corpus of exemplar clips; 'text:NAME' -> a list of captions. NAME is a
     synthetic exemplar set (alim, sd) or, for real data, a captions file / prompt file path."""
-    kind, _, name = reference.partition(":")
-    if kind not in ("audio", "text") or not name:
-        raise ValueError(f"reward.reference must be 'audio:NAME' or 'text:NAME', got {reference!r}")
+    kind, _, name = reference.partition(":")                  # checked by check_reward_inputs
     n = cfg["reward"]["n_reference"]
-    if name in EXEMPLAR_RESTRICT and cfg["data"]["source"] == "synthetic":
+    if name in EXEMPLAR_RESTRICT and not os.path.isfile(name):
         corpus = load_corpus(cfg["data"], f"exemplar_{name}", n=n, restrict=EXEMPLAR_RESTRICT[name], p_defect=0.0)
         return kind, corpus if kind == "audio" else corpus.captions
-    if name in EXEMPLAR_RESTRICT and not os.path.isfile(name):
-        raise ValueError(f"reward.reference={reference!r} names a synthetic exemplar set, but data.source="
-                         f"{cfg['data']['source']!r}: give audio:FILE.tsv or text:FILE.txt (for eval.py: the "
-                         f"references in eval.rewards)")
     if kind == "text":
         return kind, read_prompts(name)
     d = cfg["data"]
-    return kind, folder_corpus(name, d["sample_rate"], d["clip_seconds"], d["mono"], d["resample"])
+    return kind, folder_corpus(name, d["sample_rate"], d["clip_seconds"], True, d["resample"])
 
 
 def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
@@ -230,9 +234,6 @@ def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
     if len(items) == 0:
         raise ValueError(f"reward.reference={reference}: the exemplar set is empty")
     if kind == "text":
-        if not hasattr(encoder, "text_embedding"):
-            raise ValueError(f"reward.reference={reference}: text exemplars need a cross-modal encoder "
-                             f"(reward.encoder=clap), not '{cfg['reward']['encoder']}'")
         frames = encoder.text_embedding(items)
     else:
         audio = items.audio[audible(items.audio, f"reward.reference={reference}")]
@@ -431,13 +432,55 @@ def parse_reward(spec):
     return dict(zip(["kind", "encoder", "reference"], parts))
 
 
+def check_reward_inputs(cfg):
+    """What a reward needs from the data, checked before any model is fitted, each failure with
+    what to do: ratings for aesthetics, held-out clips for the offline CLAP's check, an exemplar
+    set that exists, fits the data source and the encoder, and has an audible clip."""
+    rc, d = cfg["reward"], cfg["data"]
+    _, fixed_encoder, uses_reference, _ = REWARDS[rc["kind"]]
+    encoder = fixed_encoder or rc["encoder"]
+    if encoder not in ("clap", "latent"):
+        raise ValueError(f"reward.encoder must be 'latent' or 'clap', got {encoder!r}")
+    folder = d["source"] == "folder"
+    if encoder == "clap" and cfg["clap"]["kind"] == "small" and folder and not (d["valid_captions"] or d["test_captions"]):
+        raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: set "
+                         "data.valid_captions or data.test_captions")
+    if rc["kind"] == "aesthetics" and folder:
+        rated = rated_files(d["train_captions"])
+        if rated < 20:
+            raise ValueError(f"reward.kind=aesthetics needs 1-5 ratings of at least 20 training files, but "
+                             f"{d['train_captions']} rates {rated}: add a rating as a third tab-separated column "
+                             f"(path<TAB>caption<TAB>rating), or use a reward that needs none: clap_score, "
+                             f"fad_per_song, fad_dataset or vendi")
+    if not uses_reference:
+        return
+    kind, _, name = rc["reference"].partition(":")
+    if kind not in ("audio", "text") or not name:
+        raise ValueError(f"reward.reference must be 'audio:NAME' or 'text:NAME', got {rc['reference']!r}")
+    if kind == "text" and encoder != "clap":
+        raise ValueError(f"reward.reference={rc['reference']}: text exemplars need a cross-modal encoder "
+                         f"(reward.encoder=clap), not '{encoder}'")
+    if name in EXEMPLAR_RESTRICT and not os.path.isfile(name):
+        if folder:
+            raise ValueError(f"reward.reference={rc['reference']!r} names a synthetic exemplar set, but data.source="
+                             f"'folder': give audio:FILE.tsv or text:FILE.txt (for eval.py: the references in "
+                             f"eval.rewards)")
+        return
+    if kind == "audio":                   # the exemplar clips exist, are long enough and not all silent
+        items = folder_corpus(name, d["sample_rate"], d["clip_seconds"], True, d["resample"])
+        audible(items.audio, f"reward.reference={rc['reference']}")
+    else:
+        read_prompts(name)
+
+
 def build_reward(cfg, codec, rank=0):
     """The reward named by config section `reward` (kind, encoder, reference)."""
     rc = cfg["reward"]
     name = reward_name(rc)
+    check_reward_inputs(cfg)
     paper_type, fixed_encoder, uses_reference, builder = REWARDS[rc["kind"]]
     encoder_name = fixed_encoder or rc["encoder"]
-    clap = load_or_fit_clap(cfg, rank) if encoder_name == "clap" else None
+    clap = load_or_fit_clap(cfg, rank, codec.device) if encoder_name == "clap" else None
     frames = frame_features(codec, clap, encoder_name, name)
     ref = None
     if uses_reference:

@@ -24,6 +24,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from launch import gather, rank_shard
 from model import denoise as model_denoise
 from model import null_condition
 
@@ -165,10 +166,16 @@ def sample(model, noise, text, mask, steps=40, sigma_min=0.002, sigma_max=80.0, 
 
 
 @torch.no_grad()
-def generate_latents(model, prompts, seeds, T, text_encoder, sampler_cfg, device, batch=80, bf16=False):
-    """Latents [N, C, T] for prompts, each from its own seed's noise (noise_from_seeds), with the
-    sampler settings sampler_cfg (the `sampler` section of config.yaml); bf16 autocast if bf16."""
-    out = []
+def generate_latents(model, prompts, seeds, T, text_encoder, sampler_cfg, device, batch=80, bf16=False, rank=0,
+                     world=1):
+    """Latents [N, C, T] (on the CPU) for prompts, each from its own seed's noise (noise_from_seeds),
+    with the sampler settings sampler_cfg (the `sampler` section of config.yaml); bf16 autocast if
+    bf16. Under torchrun (world > 1) each rank samples its shard and all ranks gather the N."""
+    if world > 1:
+        s = rank_shard(len(prompts), rank, world)
+        return gather(generate_latents(model, prompts[s], seeds[s], T, text_encoder, sampler_cfg, device, batch, bf16),
+                      world)
+    out = [torch.zeros(0, model.config.latent_channels, T)]      # a rank with no prompts returns none
     for i in range(0, len(prompts), batch):
         text, mask = text_encoder(prompts[i:i + batch])
         noise = noise_from_seeds(seeds[i:i + batch], (model.config.latent_channels, T), device)

@@ -50,7 +50,8 @@ def tiny():
 
 
 # A micro synthetic world with a fitted offline CLAP, shared by test_clap.py and test_rewards.py
-REWARD_MICRO = ["data.n_train=600", "data.n_valid=100", "data.n_test=8", "data.clip_seconds=1.0",
+REWARD_MICRO = ["device=cpu", "data.n_train=600", "data.n_valid=100", "data.n_test=8", "data.clip_seconds=1.0",
+                "clap.window_frames=32", "clap.hop_frames=16",
                 "codec.griffin_lim_iters=2", "clap.steps=250", "clap.batch_size=64", "clap.lr=0.003",
                 "reward.n_reference=40", "aesthetics.max_clips=300", "data.rated_fraction=1.0"]
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from benchmark import ALL_RUNS, TARGETS, benchmark, listening_test, selected_runs
-from encoders import TextEncoder, make_codec
+from encoders import make_codec, make_text_encoder
 from model import load_model
 from test_train import cfg_for
 
-MICRO_CLAP = ["data.clip_seconds=1.0", "data.n_test=12", "data.n_valid=16",   # 3 CLAP windows: per-song FAD needs 2
+MICRO_CLAP = ["data.clip_seconds=1.0", "clap.window_frames=32", "clap.hop_frames=16",   # 3 CLAP windows: per-song
+              "data.n_test=12", "data.n_valid=16",                                         # FAD needs 2
               "clap.steps=20", "clap.batch_size=16", "reward.n_reference=32", "eval.n_prompts=12",
               "benchmark.rounds=2", "benchmark.listen_prompts=16", "eval.rewards=[vendi/latent]"]
 
@@ -63,7 +64,7 @@ def test_micro_benchmark_writes_every_table(tmp_path):
     for v in votes:
         assert 0 <= v["wins"] <= v["decisive"] == 16 - v["ties"]
     # it reused the evaluation's 12 clips per model and generated 4 more: the votes of 16 fresh clips
-    codec, text_encoder = make_codec(cfg), TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    codec, text_encoder = make_codec(cfg), make_text_encoder(cfg)
     base, tuned = (load_model(tmp_path / p)[0].eval() for p in ("base.pt", "bench_aesthetics/dragon.pt"))
     with torch.no_grad():
         fresh = listening_test(cfg, base, {"aesthetics": tuned}, codec, text_encoder, "cpu")

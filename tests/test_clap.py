@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from clap import clap_retrieval, clap_text_encoder, fit_small_clap, load_or_fit_clap
+from clap import CAPTION_TOKENS, clap_retrieval, clap_text_encoder, fit_small_clap, load_or_fit_clap
 from encoders import make_codec
 from rewards import build_reward
 
@@ -42,7 +42,7 @@ def test_offline_clap_fit_does_not_depend_on_the_global_rng(world):
     cfg, codec, _, _, _, _ = world
     cfg = copy.deepcopy(cfg)
     cfg["clap"]["steps"] = 3
-    text_encoder = clap_text_encoder(cfg["text_encoder"]["name"], cfg["clap"]["max_tokens"])   # as load_or_fit_clap
+    text_encoder = clap_text_encoder(cfg["text_encoder"]["name"], CAPTION_TOKENS)   # as load_or_fit_clap
     mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)))
     fits = []
     for seed in (1, 2):
@@ -103,6 +103,7 @@ def test_offline_clap_and_aesthetics_fit_on_a_folder_corpus(tmp_path):
     from launch import load_config
     train, test = folder_of_clips(tmp_path)
     micro = ["data.source=folder", f"data.train_captions={train}", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
+             "clap.window_frames=32", "clap.hop_frames=16",
              "clap.steps=20", "clap.batch_size=16", f"out_dir={tmp_path / 'out'}"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "config.yaml"), micro)
@@ -112,7 +113,8 @@ def test_offline_clap_and_aesthetics_fit_on_a_folder_corpus(tmp_path):
     clap = load_or_fit_clap(cfg)                         # 36 windows of 18 files, captions as written
     assert clap.window_embeddings(torch.zeros(2, 8000)).shape[0] == 2
     codec = make_codec(cfg)
-    with pytest.raises(ValueError, match=r"only 18 rated training files; need at least 20: add a 1-5 rating"):
+    with pytest.raises(ValueError, match=r"aesthetics needs 1-5 ratings of at least 20 training files, but .*train.tsv "
+                                         r"rates 18: add a rating as a third tab-separated column"):
         build_reward(cfg, codec)                        # 36 rated windows, but 18 files
     fad = copy.deepcopy(cfg)
     fad["reward"].update(kind="fad_per_song", encoder="latent", reference="audio:alim")

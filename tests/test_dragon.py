@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dragon import (A_theta, build_sets, dpo_loss, greedy_swap, kto_loss, kto_reference_point, leave_one_out,
-                    median_split, pair_up, paired_sets, rank_shard, set_vs_set)
+                    median_split, pair_up, paired_sets, set_vs_set)
 from rewards import vendi_score
 
 sig = torch.sigmoid
@@ -144,9 +144,3 @@ def test_pair_up_and_bad_method():
     assert s.paired and len(s.pos) == len(s.neg) == 3 and set(s.pos.tolist()) == {4, 5, 6}
     with pytest.raises(ValueError, match="dragon.sets must be paired, unpaired, greedy, loo or set_vs_set"):
         build_sets("best", torch.tensor([[0, 1]]), rewards=torch.tensor([1.0, 2.0]))
-
-
-def test_rank_shards_cover_the_batch():
-    for n, w in [(80, 2), (81, 2), (5, 3), (40, 8)]:
-        parts = [list(range(n))[rank_shard(n, r, w)] for r in range(w)]
-        assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1

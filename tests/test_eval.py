@@ -85,7 +85,7 @@ def test_eval_main_writes_table_json_plot_and_wavs(tmp_path):
     from test_train import cfg_for
     from train import train
     ckpt = train(cfg_for(tmp_path, "dragon.rounds=1", "dragon.eval_every=1"))
-    cfg = cfg_for(tmp_path, "eval.n_prompts=6", "eval.n_wav=2",
+    cfg = cfg_for(tmp_path, "eval.n_prompts=6",
                   "eval.rewards=[fad_per_song/latent/audio:sd, vendi/latent]")
     rows = main(cfg)
     assert [(r["prompts"], r["type"]) for r in rows] == [("heldout", "instance-to-distribution"), ("heldout", "distribution"),
@@ -108,7 +108,7 @@ def test_a_model_against_itself_ties_on_every_reward(tmp_path):
     # Same prompts and same initial noise per prompt: the base model compared with itself makes
     # identical samples, so every instance reward ties per prompt and every set reward ties per
     # subset: win rate exactly 1/2, interval [1/2, 1/2], equal values.
-    from encoders import TextEncoder, make_codec
+    from encoders import make_codec, make_text_encoder
     from eval import evaluate_models
     from model import load_model
     from pretrain import pretrain
@@ -117,7 +117,7 @@ def test_a_model_against_itself_ties_on_every_reward(tmp_path):
                   "eval.rewards=[fad_per_song/latent/audio:sd, vendi/latent]")
     pretrain(cfg)
     base = load_model(os.path.join(tmp_path, "base.pt"))[0].eval()
-    codec, text_encoder = make_codec(cfg), TextEncoder(cfg["text_encoder"]["name"], cfg["text_encoder"]["max_tokens"])
+    codec, text_encoder = make_codec(cfg), make_text_encoder(cfg)
     with torch.no_grad():
         rows, latents, audio = evaluate_models(cfg, base, {"itself": base, "again": base}, codec, text_encoder,
                                                torch.device("cpu"))

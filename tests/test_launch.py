@@ -1,9 +1,15 @@
+import datetime
 import os
+import socket
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from launch import autocast, load_config, parse_args, use_bf16
+import launch
+from launch import autocast, load_config, parse_args, rank0_first, rank_shard, setup_distributed, use_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
@@ -11,9 +17,9 @@ CONFIG = os.path.join(ROOT, "config.yaml")
 
 def test_config_overrides_and_errors():
     cfg = load_config(CONFIG, ["pretrain.lr=0.01", "sampler.cfgpp_range=[0.1, 0.9]", "pretrain.steps=5",
-                               "sampler.sigma_max=70"])
+                               "sampler.cfg_scale=2"])
     assert cfg["pretrain"]["lr"] == 0.01 and cfg["sampler"]["cfgpp_range"] == [0.1, 0.9]
-    assert cfg["sampler"]["sigma_max"] == 70.0 and isinstance(cfg["sampler"]["sigma_max"], float)
+    assert cfg["sampler"]["cfg_scale"] == 2.0 and isinstance(cfg["sampler"]["cfg_scale"], float)
     with pytest.raises(KeyError, match=r"unknown config key 'pretrain.lrr'; allowed here: \[.*'lr'"):
         load_config(CONFIG, ["pretrain.lrr=1"])
     with pytest.raises(KeyError, match="unknown config key 'nosection'"):
@@ -50,11 +56,53 @@ def test_usage_and_bf16_switch():
     assert y.dtype == torch.bfloat16
 
 
-def test_data_files_are_checked_and_stereo_is_refused(tmp_path):
+def test_data_files_are_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.test_captions: file not found: .*nope.tsv"):
         load_config(CONFIG, ["data.source=folder", f"data.test_captions={tmp_path}/nope.tsv"])
     (tmp_path / "t.tsv").write_text("a.wav\tx\n")
     with pytest.raises(ValueError, match="data.valid_captions=.* is only read with data.source=folder"):
         load_config(CONFIG, [f"data.valid_captions={tmp_path}/t.tsv"])
-    with pytest.raises(ValueError, match="data.mono=false is not supported"):
-        load_config(CONFIG, ["data.mono=false"])
+
+
+def test_rank_shards_cover_the_batch_and_may_be_empty():
+    for n, w in [(80, 2), (81, 2), (5, 3), (40, 8), (1, 2), (3, 8)]:
+        parts = [list(range(n))[rank_shard(n, r, w)] for r in range(w)]
+        assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def _slow_rank0_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = datetime.timedelta(seconds=2)   # a short fuse, as NCCL's 10-min watchdog at scale
+    _, _, device = setup_distributed({"device": "cpu"})
+    got = rank0_first(world, rank, lambda: time.sleep(5 if rank == 0 else 0) or f"rank {rank}")
+    dist.barrier()                                             # the default group is still healthy
+    torch.save({"got": got, "device": str(device)}, f"{out}{rank}.pt")
+    launch.finish_distributed()
+
+
+def test_ranks_wait_for_a_rank0_fit_longer_than_the_collective_timeout(tmp_path):
+    # Rank 0 "fits a reward model" for 5 s while the default group's timeout is 2 s: the others
+    # wait on rank0_first's long-timeout group and then run the function themselves.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_slow_rank0_worker, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"r{r}.pt")["got"] for r in range(2)] == ["rank 0", "rank 1"]
+
+
+def test_scripts_that_run_as_one_process_refuse_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="eval.py runs as one process"):
+        setup_distributed({"device": "cpu"}, single="eval.py")
+
+
+def test_auto_device_is_named_and_a_gpu_torch_cannot_use_is_reported(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch.os.path, "exists", lambda p: p == "/dev/nvidia0")
+    _, _, device = setup_distributed({"device": "auto"})
+    out = capsys.readouterr().out
+    assert device.type == "cpu" and "device: cpu" in out and "cannot use it: install the CUDA build" in out
+    with pytest.raises(RuntimeError, match="device=cuda but torch .* sees no CUDA device.*cannot use it"):
+        setup_distributed({"device": "cuda"})

@@ -13,10 +13,10 @@ from pretrain import pretrain
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
 
-MICRO = ["data.n_train=48", "data.n_test=8", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
+MICRO = ["device=cpu", "data.n_train=48", "data.n_test=8", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
          "model.width=32", "model.depth=1", "model.heads=2", "pretrain.batch_size=8", "pretrain.lr=0.003",
-         "pretrain.warmup=1", "pretrain.ema_decay=0.8", "pretrain.ckpt_every=3", "pretrain.n_samples=2",
-         "pretrain.n_check=4", "sampler.steps=3"]
+         "pretrain.warmup=1", "pretrain.ema_decay=0.8", "pretrain.ckpt_every=3", "pretrain.n_check=4",
+         "sampler.steps=3"]
 
 
 def micro_cfg(tmp_path, *extra):
@@ -42,15 +42,15 @@ def test_micro_pretraining_lowers_the_loss_and_writes_samples(tmp_path):
     assert ckpt["step"] == 40 and ckpt["text_encoder"] == "minilm"
     init = DiT(DiTConfig(**cfg["model"]))          # zero-initialised output: F = 0, D = c_skip x
     assert fixed_batch_loss(cfg, trained.eval()) < 0.8 * fixed_batch_loss(cfg, init.eval())
-    assert sorted(os.listdir(tmp_path / "samples")) == ["pretrain_00.wav", "pretrain_01.wav"]
+    assert sorted(os.listdir(tmp_path / "samples")) == [f"pretrain_{i:02d}.wav" for i in range(4)]   # n_check
 
 
 def test_pretraining_resumes_bit_exactly(tmp_path):
-    straight = micro_cfg(tmp_path / "a", "pretrain.steps=6", "pretrain.n_samples=0", "pretrain.n_check=0")
+    straight = micro_cfg(tmp_path / "a", "pretrain.steps=6", "pretrain.n_check=0")
     pretrain(straight)
-    first = micro_cfg(tmp_path / "b", "pretrain.steps=3", "pretrain.n_samples=0", "pretrain.n_check=0")
+    first = micro_cfg(tmp_path / "b", "pretrain.steps=3", "pretrain.n_check=0")
     pretrain(first)                                              # "interrupted" after 3 steps
-    pretrain(micro_cfg(tmp_path / "b", "pretrain.steps=6", "pretrain.n_samples=0", "pretrain.n_check=0"))
+    pretrain(micro_cfg(tmp_path / "b", "pretrain.steps=6", "pretrain.n_check=0"))
     a = load_checkpoint(tmp_path / "a" / "pretrain_state.pt")
     b = load_checkpoint(tmp_path / "b" / "pretrain_state.pt")
     assert a["step"] == b["step"] == 6
@@ -62,7 +62,7 @@ def test_pretraining_resumes_bit_exactly(tmp_path):
 def test_kill_9_and_resume_through_the_command_line(tmp_path):
     """python pretrain.py killed with SIGKILL twice (just after its first checkpoint, and a moment
     after a later one), then run again: the same weights, EMA and Adam state as an uninterrupted run."""
-    args = [*MICRO, "pretrain.steps=300", "pretrain.ckpt_every=10", "pretrain.n_samples=0", "pretrain.n_check=0"]
+    args = [*MICRO, "pretrain.steps=300", "pretrain.ckpt_every=10", "pretrain.n_check=0"]
     run_script("pretrain.py", [*args, f"out_dir={tmp_path / 'straight'}"])
     killed = [*args, f"out_dir={tmp_path / 'killed'}"]
     state = tmp_path / "killed" / "pretrain_state.pt"

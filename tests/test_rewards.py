@@ -6,9 +6,14 @@ import pytest
 import scipy.linalg
 import torch
 
+from data import write_wav
 from encoders import make_codec
+from launch import load_config
 from rewards import (REWARDS, LatentIdentity, build_reward, fad_from_stats, frechet_distance, gaussian_stats,
                      parse_reward, per_song_fad, reference_stats, reward_name, set_stats, vendi_score)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def random_spd(d, rank=None, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -242,3 +247,33 @@ def test_reference_caches_keep_one_file_per_encoder_and_follow_the_listed_files(
     ref.write_text("silence.wav\tb\n")
     with pytest.raises(ValueError, match="all 1 clips are silent"):
         reference_stats(cfg, clap, f"audio:{ref}", windows)
+
+
+def test_folder_misuse_is_reported_before_any_model_is_fitted(tmp_path, monkeypatch):
+    # Each mistake a user bringing their own music makes is named, with what to do, before the
+    # offline CLAP (minutes) or the aesthetics head is fitted.
+    import rewards
+    from test_clap import folder_of_clips
+    train, test = folder_of_clips(tmp_path, rated=False)
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a model was fitted before the data was checked")
+    monkeypatch.setattr(rewards, "load_or_fit_clap", no_fit)
+    base = ["device=cpu", "data.source=folder", f"data.train_captions={train}", "data.clip_seconds=0.5",
+            f"out_dir={tmp_path / 'out'}"]
+
+    def fails(match, *extra):
+        cfg = load_config(os.path.join(ROOT, "config.yaml"), base + list(extra))
+        with pytest.raises(ValueError, match=match):
+            build_reward(cfg, make_codec(cfg))
+    fails("clap.kind=small on data.source=folder checks its fit on held-out files")
+    fails(r"aesthetics needs 1-5 ratings of at least 20 training files, but .*train.tsv rates 0: add a rating as a "
+          r"third tab-separated column .* or use a reward that needs none: clap_score", f"data.test_captions={test}")
+    fails("text exemplars need a cross-modal encoder", "reward.kind=fad_per_song", "reward.encoder=latent",
+          f"reward.reference=text:{tmp_path / 'prompts.txt'}")
+    fails("names a synthetic exemplar set, but data.source='folder'", "reward.kind=fad_dataset",
+          "reward.encoder=latent", "reward.reference=audio:sd")
+    write_wav(tmp_path / "silence.wav", np.zeros(8000, dtype=np.float32), 16000)
+    (tmp_path / "quiet.tsv").write_text("silence.wav\tnothing\n")
+    fails(r"audio:.*quiet.tsv: all 1 clips are silent", "reward.kind=fad_per_song", "reward.encoder=clap",
+          f"data.test_captions={test}", f"reward.reference=audio:{tmp_path / 'quiet.tsv'}")

@@ -1,6 +1,9 @@
 import copy
 import json
+import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,19 +11,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import kill_9_when, run_script, text_batch, tiny_dit
-from dragon import Sets
+from dragon import A_theta, Sets, per_example_errors
 from model import load_checkpoint
-from launch import load_config
+from launch import autocast, finish_distributed, load_config
 from pretrain import pretrain
-from train import dragon_update, resume_log, train
+from train import dragon_loss, loss_inputs, loss_metrics, resume_log, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = ["data.n_train=64", "data.n_test=8", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
+MICRO = ["device=cpu", "data.n_train=64", "data.n_test=8", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
          "model.width=32", "model.depth=1", "model.heads=2", "pretrain.batch_size=16", "pretrain.lr=0.003",
-         "pretrain.warmup=1", "pretrain.ema_decay=0.8", "pretrain.steps=60", "pretrain.n_samples=0",
-         "pretrain.n_check=0", "sampler.steps=4", "reward.kind=fad_per_song", "reward.encoder=latent",
+         "pretrain.warmup=1", "pretrain.ema_decay=0.8", "pretrain.steps=60", "pretrain.n_check=0", "sampler.steps=4",
+         "reward.kind=fad_per_song", "reward.encoder=latent",
          "reward.reference=audio:sd", "reward.n_reference=32", "dragon.prompts_per_round=6", "dragon.demo_steps=3",
-         "dragon.n_eval=8", "dragon.eval_every=2", "dragon.n_wav=1", "dragon.ckpt_every=1", "dragon.lr=0.002"]
+         "dragon.n_eval=8", "dragon.eval_every=2", "dragon.ckpt_every=1", "dragon.lr=0.002"]
 
 
 def cfg_for(out, *extra):
@@ -34,10 +37,25 @@ def base_dir(tmp_path_factory):
     return out
 
 
-UPDATE_CFG = {"dragon": {"loss": "dpo", "cond_dropout": 0.1, "bf16": False, "loss_bf16": False, "beta": 5000.0,
-                         "kto_beta": 250.0, "kappa": 0.5, "kto_w_pos": 1.0, "kto_w_neg": 1.0, "grad_clip": 45.0,
-                         "sigma_draws": 1},
+UPDATE_CFG = {"dragon": {"loss": "dpo", "cond_dropout": 0.1, "loss_bf16": False, "beta": 5000.0, "kto_beta": 250.0,
+                         "grad_clip": 45.0},
               "pretrain": {"P_mean": -0.4, "P_std": 1.0}}
+
+
+def update(model, train_model, ref, opt, latents, text, mask, sets, cfg, g, rank, world):
+    """F7-F9 as train.py's loop writes them, on the given demonstrations; returns what F10 logs."""
+    dc = cfg["dragon"]
+    x0, c, m, sigma, noise, is_pos, n_terms = loss_inputs(latents, text, mask, sets, cfg, g, rank, world)
+    with autocast(torch.device("cpu"), dc["loss_bf16"]):
+        e_theta, e_ref = per_example_errors(train_model, ref, x0, c, m, sigma, noise)
+    A = A_theta(e_theta.float(), e_ref.float())
+    loss, terms, logits, z = dragon_loss(A, is_pos, dc, n_terms, world)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), dc["grad_clip"]).item()
+    opt.step()
+    return {"grad_norm": grad_norm, **loss_metrics(A, e_theta, e_ref, is_pos, terms, logits, z, n_terms, dc["loss"],
+                                                   world)}
 
 
 def update_inputs():
@@ -48,110 +66,109 @@ def update_inputs():
     return latents, text, mask, sets
 
 
-def run_updates(rank, world, losses=("dpo", "kto")):
-    """Two DRAGON updates (DPO, then KTO) of a tiny model; returns f_theta's and f_ref's weights."""
+def run_updates(rank, world, losses=("dpo", "kto"), pairs=5, paired=True):
+    """DRAGON updates (by default DPO, then KTO) of a tiny model on `pairs` pairs; returns f_theta's
+    and f_ref's weights and the metrics each update logged."""
     ref = tiny_dit(seed=1).requires_grad_(False)
     model = copy.deepcopy(ref).train().requires_grad_(True)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     latents, text, mask, sets = update_inputs()
+    sets = Sets(sets.pos[:pairs], sets.neg[:pairs], paired)
+    metrics = []
     for i, loss in enumerate(losses):
         cfg = copy.deepcopy(UPDATE_CFG)
         cfg["dragon"]["loss"] = loss
-        dragon_update(model, train_model, ref, opt, latents, text, mask, sets, cfg,
-                      torch.Generator().manual_seed(10 + i), rank, world, torch.device("cpu"))
-    return model.state_dict(), ref.state_dict()
+        metrics.append(update(model, train_model, ref, opt, latents, text, mask, sets, cfg,
+                              torch.Generator().manual_seed(10 + i), rank, world))
+    return model.state_dict(), ref.state_dict(), metrics
+
+
+CASES = {"dpo-kto": {}, "one pair (rank 1 has none)": {"pairs": 1}, "unpaired kto": {"losses": ("kto",), "paired": False}}
 
 
 def _ddp_worker(rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    state, _ = run_updates(rank, world)
+    results = {name: run_updates(rank, world, **kw) for name, kw in CASES.items()}
     if rank == 0:
-        torch.save(state, out_file)
+        torch.save({name: (state, metrics) for name, (state, _, metrics) in results.items()}, out_file)
     dist.barrier()                       # both ranks done before gloo is torn down
     dist.destroy_process_group()
 
 
 def test_f_ref_is_unchanged_and_f_theta_moves():
     before = {k: v.clone() for k, v in tiny_dit(seed=1).state_dict().items()}
-    theta, ref = run_updates(0, 1)
+    theta, ref, _ = run_updates(0, 1)
     assert all(torch.equal(before[k], ref[k]) for k in before)
     assert any(not torch.equal(before[k], theta[k]) for k in before)
 
 
 @pytest.mark.parametrize("loss,paired", [("dpo", True), ("kto", True), ("kto", False)])
-def test_pair_members_share_sigma_and_noise(monkeypatch, loss, paired):
+def test_pair_members_share_sigma_and_noise(loss, paired):
     # Sets docstring: paired D+ / D- members share sigma and noise in the loss (DPO and KTO);
     # unpaired KTO examples each draw their own.
-    import train as train_module
-    seen = {}
-
-    def spy(model, ref_model, x0, text, mask, sigma, noise):
-        seen.update(x0=x0, sigma=sigma, noise=noise)
-        return real(model, ref_model, x0, text, mask, sigma, noise)
-    real = train_module.per_example_errors
-    monkeypatch.setattr(train_module, "per_example_errors", spy)
-    ref = tiny_dit(seed=1).requires_grad_(False)
-    model = copy.deepcopy(ref).requires_grad_(True)
     latents, text, mask, sets = update_inputs()
     cfg = copy.deepcopy(UPDATE_CFG)
     cfg["dragon"]["loss"] = loss
-    dragon_update(model, model, ref, torch.optim.Adam(model.parameters()), latents, text, mask,
-                  Sets(sets.pos, sets.neg, paired), cfg, torch.Generator().manual_seed(0), 0, 1, torch.device("cpu"))
-    assert torch.equal(seen["x0"], latents[torch.cat([sets.pos, sets.neg])])      # D+ first, then D-
-    sigma, noise = seen["sigma"], seen["noise"]
+    x0, _, _, sigma, noise, is_pos, n_terms = loss_inputs(latents, text, mask, Sets(sets.pos, sets.neg, paired), cfg,
+                                                          torch.Generator().manual_seed(0), 0, 1)
+    assert torch.equal(x0, latents[torch.cat([sets.pos, sets.neg])]) and is_pos.tolist() == [True] * 5 + [False] * 5
     assert torch.equal(sigma[:5], sigma[5:]) == paired and torch.equal(noise[:5], noise[5:]) == paired
-    assert len(set(sigma[:5].tolist())) == 5
+    assert len(set(sigma[:5].tolist())) == 5 and n_terms == (5 if loss == "dpo" else 10)
 
 
-def test_two_process_gloo_ddp_gives_the_same_update(tmp_path):
-    single, _ = run_updates(0, 1)
+def test_two_process_gloo_ddp_gives_the_same_update_and_logs_the_global_metrics(tmp_path):
+    # DDP over 2 gloo processes: the same weights as one process, and the same logged metrics
+    # (the global batch's, not rank 0's share), also when a rank has no pair or the sets are unpaired.
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    for k in single:
-        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6)
+    for name, kw in CASES.items():
+        single, _, metrics = run_updates(0, 1, **kw)
+        for k in single:
+            torch.testing.assert_close(ddp[name][0][k], single[k], rtol=1e-4, atol=1e-6)
+        for one, two in zip(metrics, ddp[name][1]):
+            assert one.keys() == two.keys() and not any(math.isnan(v) for v in two.values()), name
+            for key in one:
+                assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (name, key)
 
 
-def _train_worker(rank, world, port, cfg):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    train(cfg)                           # what torchrun --nproc_per_node=2 train.py runs on each rank
-    dist.destroy_process_group()
-
-
-def test_two_process_train_equals_one_process(base_dir):
-    # torchrun splits generation and the update across ranks; the reward models are fitted by rank 0
-    # alone (the cache is removed first) and loaded by rank 1. The weights must match one process.
-    import shutil
-    import socket
-    train(cfg_for(base_dir, "dragon.rounds=2", "dragon.run_name=one"))
-    shutil.rmtree(base_dir / "rewards")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_train_worker, args=(2, port, cfg_for(base_dir, "dragon.rounds=2", "dragon.run_name=two")), nprocs=2,
-             join=True)
-    one = load_checkpoint(base_dir / "one" / "dragon_state.pt")["model"]
-    two = load_checkpoint(base_dir / "two" / "dragon_state.pt")["model"]
-    for k in one:      # float32 sums in another order (DDP's all-reduce): agreement to rounding, not bits
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5)
-    assert os.path.isfile(base_dir / "rewards" / "ref_mel_audio_sd.pt")          # one file per encoder
+def test_torchrun_two_processes_from_scratch_equal_one_process(tmp_path):
+    # What a user runs: `torchrun --nproc_per_node=2 train.py config.yaml` from an empty out_dir
+    # (pre-training, reward statistics fitted by rank 0 and loaded by rank 1, DRAGON), against
+    # `python train.py config.yaml`. Same base model, same DRAGON model (|dw| < 1e-4), the same
+    # global metrics in every log line; with dragon.n_eval=1 rank 1 has nothing to generate.
+    from conftest import CLI_ENV
+    args = [*MICRO, "dragon.rounds=2", "dragon.n_eval=1", "dragon.eval_every=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, launcher in ((one, [sys.executable]),
+                          (two, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        p = subprocess.run([*launcher, "train.py", "config.yaml", *args, f"out_dir={out}"], cwd=ROOT, env=CLI_ENV,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("base.pt", "dragon/dragon.pt"):
+        a, b = load_checkpoint(one / name)["model"], load_checkpoint(two / name)["model"]
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, name
+    logs = [[json.loads(line) for line in open(out / "dragon" / "log.jsonl")] for out in (one, two)]
+    assert [e["round"] for e in logs[1]] == [1, 2]
+    for a, b in zip(*logs):
+        for key in ("reward", "reward_pos", "reward_neg", "n_pos", "loss", "implicit_acc", "saturated", "A_pos",
+                    "A_neg", "e_theta_pos", "e_ref_neg", "grad_norm", "eval_reward", "eval_reward_base"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
 
 
 def ctrl_c_at_update(monkeypatch, n):
     """Make the n-th DRAGON update raise KeyboardInterrupt (Ctrl-C); returns the undo."""
     import train as train_module
-    real, calls = train_module.dragon_update, []
+    real, calls = train_module.per_example_errors, []
 
     def interrupted(*args):
         calls.append(1)
         if len(calls) == n:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(train_module, "dragon_update", interrupted)
-    return lambda: monkeypatch.setattr(train_module, "dragon_update", real)
+    monkeypatch.setattr(train_module, "per_example_errors", interrupted)
+    return lambda: monkeypatch.setattr(train_module, "per_example_errors", real)
 
 
 def test_interrupt_and_resume_equals_an_uninterrupted_run(base_dir, monkeypatch):
@@ -223,48 +240,41 @@ def test_resume_log_keeps_the_checkpointed_rounds(tmp_path):
         resume_log(str(path), 3)
 
 
-def test_bf16_loss_path_runs_on_the_cpu(monkeypatch):
-    """dragon.loss_bf16 puts e_theta and e_ref under bf16 autocast (here on the CPU): the update
+def test_bf16_loss_path_runs_on_the_cpu(base_dir, monkeypatch):
+    """dragon.loss_bf16=true computes e_theta and e_ref under bf16 autocast (any device); the loss
     runs, and its A_theta differs from the float32 default only by rounding."""
     import train as train_module
-    seen = []
+    seen = {}
     real = train_module.per_example_errors
 
     def spy(*args):
         e_theta, e_ref = real(*args)
-        seen.append((torch.is_autocast_enabled("cpu"), (e_theta - e_ref).detach()))
+        seen.setdefault(loss_bf16, []).append((torch.is_autocast_enabled("cpu"), (e_theta - e_ref).detach().float()))
         return e_theta, e_ref
     monkeypatch.setattr(train_module, "per_example_errors", spy)
-    for loss_bf16 in (False, True):
-        ref = tiny_dit(seed=1).requires_grad_(False)
-        model = copy.deepcopy(ref).train().requires_grad_(True)
-        with torch.no_grad():                                  # f_theta != f_ref, so A_theta != 0
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        cfg = copy.deepcopy(UPDATE_CFG)
-        cfg["dragon"]["loss_bf16"] = loss_bf16
-        latents, text, mask, sets = update_inputs()
-        metrics = dragon_update(model, model, ref, torch.optim.Adam(model.parameters(), lr=1e-3), latents, text,
-                                mask, sets, cfg, torch.Generator().manual_seed(0), 0, 1, torch.device("cpu"))
-        assert torch.isfinite(torch.tensor(metrics["loss"]))
-    (on32, A32), (on16, A16) = seen
-    assert not on32 and on16
-    assert 0 < (A16.float() - A32).abs().max() < 0.5 * A32.abs().max()
+    for loss_bf16 in (False, True):                  # round 2: f_theta != f_ref, so A_theta != 0
+        train(cfg_for(base_dir, "dragon.rounds=2", "dragon.n_eval=0", f"dragon.loss_bf16={str(loss_bf16).lower()}",
+                      f"dragon.run_name=bf16_{loss_bf16}"))
+    (on32, A32), (on16, A16) = seen[False][1], seen[True][1]
+    assert not on32 and on16 and not seen[False][0][0] and seen[True][0][0]
+    assert 0 < (A16 - A32).abs().max() < 0.5 * A32.abs().max()
 
 
 def test_demonstrations_use_the_evaluation_sampler_and_the_bf16_switch(base_dir, monkeypatch):
     """dragon.demo_steps=0: demonstrations come from exactly the sampler settings held-out samples
     are evaluated with (the paper's inference sampler); dragon.bf16 reaches both (forced on here,
     on the CPU, where the config would resolve it to float32)."""
+    import eval as eval_module
     import train as train_module
     calls = []
     real = train_module.generate_latents
 
-    def spy(model, prompts, seeds, T, text_encoder, sampler_cfg, device, batch=80, bf16=False):
+    def spy(model, prompts, seeds, T, text_encoder, sampler_cfg, device, batch=80, bf16=False, rank=0, world=1):
         calls.append((len(prompts), dict(sampler_cfg), bf16))
-        return real(model, prompts, seeds, T, text_encoder, sampler_cfg, device, batch, bf16)
-    monkeypatch.setattr(train_module, "generate_latents", spy)
-    monkeypatch.setattr(train_module, "use_bf16", lambda section, device: bool(section["bf16"]))
+        return real(model, prompts, seeds, T, text_encoder, sampler_cfg, device, batch, bf16, rank, world)
+    for module in (train_module, eval_module):                   # demonstrations, held-out checks
+        monkeypatch.setattr(module, "generate_latents", spy)
+        monkeypatch.setattr(module, "use_bf16", lambda section, device: bool(section["bf16"]))
     cfg = cfg_for(base_dir, "dragon.rounds=2", "dragon.eval_every=2", "dragon.demo_steps=0", "dragon.run_name=demo")
     train(cfg)
     demos = [c for c in calls if c[0] == 2 * cfg["dragon"]["prompts_per_round"]]
