@@ -63,20 +63,24 @@ TARGETS = {   # run name: (the target reward's spec, as in eval.rewards; further
     "fad_dataset_clap_sd": ("fad_dataset/clap/audio:sd", GREEDY),
     "fad_dataset_text_alim": ("fad_dataset/clap/text:alim", GREEDY),
     "fad_dataset_text_sd": ("fad_dataset/clap/text:sd", GREEDY),
-    "vendi_clap": ("vendi/clap", {**GREEDY, "dragon.demo_steps": 40}),     # 10-step demos: 13% (README)
+    # 10-step demos: 13% (RESULTS.md)
+    "vendi_clap": ("vendi/clap", {**GREEDY, "dragon.demo_steps": 40}),
     "vendi_latent": ("vendi/latent", GREEDY),
 }
-ABLATIONS = {  # Fig. 2: loss x set construction on aesthetics (dpo + paired is the target run above)
+# Fig. 2: loss x set construction on aesthetics (dpo + paired is the target run above)
+ABLATIONS = {
     "aesthetics_kto_paired": ("aesthetics", {"dragon.loss": "kto"}),
     "aesthetics_dpo_unpaired": ("aesthetics", {"dragon.sets": "unpaired"}),
     "aesthetics_kto_unpaired": ("aesthetics", {"dragon.loss": "kto", "dragon.sets": "unpaired"}),
 }
-DEMO_STEPS = {  # Fig. 3: demonstrations from more sampler steps (every other run uses benchmark.demo_steps)
+# Fig. 3: demonstrations from more sampler steps (every other run uses benchmark.demo_steps)
+DEMO_STEPS = {
     "aesthetics_demo20": ("aesthetics", {"dragon.demo_steps": 20}),
     "aesthetics_demo40": ("aesthetics", {"dragon.demo_steps": 40}),
 }
 ALL_RUNS = {**TARGETS, **ABLATIONS, **DEMO_STEPS}
-PAPER_LISTENING_TEST = {"aesthetics": (253, 420), "fad_song_latent_alim": (256, 420)}   # DRAGON-Aesthetics, -VAE-PSFAD-ALIM
+# DRAGON-Aesthetics, -VAE-PSFAD-ALIM
+PAPER_LISTENING_TEST = {"aesthetics": (253, 420), "fad_song_latent_alim": (256, 420)}
 
 
 def selected_runs(cfg):
@@ -89,7 +93,8 @@ def selected_runs(cfg):
 
 def run_config(cfg, name, spec, overrides):
     c = copy.deepcopy(cfg)
-    bc = cfg["benchmark"]                        # no held-out evaluation inside the run: benchmark() evaluates
+    # no held-out evaluation inside the run: benchmark() evaluates
+    bc = cfg["benchmark"]
     fixed = {"dragon.rounds": bc["rounds"], "dragon.n_eval": 0, "dragon.run_name": f"bench_{name}"}
     target = {f"reward.{key}": value for key, value in parse_reward(spec).items()}
     for key, value in {**target, "dragon.demo_steps": bc["demo_steps"], **overrides, **fixed}.items():
@@ -112,7 +117,8 @@ def benchmark(cfg, runs=None):
     """Everything in the module docstring; `runs` (name -> (spec, overrides)) overrides benchmark.runs."""
     _, _, device = setup_distributed(cfg, single="benchmark.py")
     t_start, seconds = time.time(), {}
-    base = load_model(base_model(cfg), map_location=device)[0].eval()     # pre-trained first when missing
+    # pre-trained first when missing
+    base = load_model(base_model(cfg), map_location=device)[0].eval()
     seconds["pre-training"] = time.time() - t_start
     runs = runs or selected_runs(cfg)
     codec = make_codec(cfg, device)
@@ -122,7 +128,8 @@ def benchmark(cfg, runs=None):
         print(f"[{i + 1}/{len(runs)}] {name} ({time.time() - t_start:.0f}s so far)", flush=True)
         c = run_config(cfg, name, spec, overrides)
         t0 = time.time()
-        checkpoints[name] = train(c)           # the first run also fits and caches the reward models
+        # the first run also fits and caches the reward models
+        checkpoints[name] = train(c)
         costs[name] = {"train_seconds": time.time() - t0,
                        **round_costs(os.path.join(c["out_dir"], c["dragon"]["run_name"], "log.jsonl"), c)}
     seconds["DRAGON runs"] = sum(c["train_seconds"] for c in costs.values())
@@ -141,10 +148,12 @@ def benchmark(cfg, runs=None):
     with torch.no_grad():
         matrix, latents, audio = evaluate_models(c, base, models, codec, text_encoder, device)
         bins = quality_bins(c, codec, latents["heldout"], audio["heldout"]) if "aesthetics" in models else []
-        heard, _ = listening_rows(c, audio, codec.sample_rate)                # loudness and defects per model
+        # loudness and defects per model
+        heard, _ = listening_rows(c, audio, codec.sample_rate)
     rows = []
     for name, (spec, _) in runs.items():
-        row = [r for r in matrix if r["model"] == name][specs.index(spec)]     # the run's own target reward
+        # the run's own target reward
+        row = [r for r in matrix if r["model"] == name][specs.index(spec)]
         rows.append({**row, "run": name, "group": group_of(name), **costs[name]})
     seconds["evaluation"] = time.time() - t0
 
@@ -228,7 +237,8 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
     n, need = cfg["benchmark"]["listen_prompts"], cfg["benchmark"]["listen_pairs"]
     if not models or not n:
         return []
-    prompts, seeds = evaluation_prompts(cfg, "heldout", n)               # eval.py's prompts and seeds, and more
+    # eval.py's prompts and seeds, and more
+    prompts, seeds = evaluation_prompts(cfg, "heldout", n)
     T = clip_latent_length(codec, cfg["data"])
 
     def heard(name, model, a, b):                      # listen() report of prompts[a:b]
@@ -240,7 +250,8 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
                                                        cfg["sampler"], device, bf16=use_bf16(cfg["dragon"], device))))
         return listen(torch.cat(parts), codec.sample_rate, prompts[a:b])
 
-    def joined(reports, m):                            # the first m clips of a list of listen() reports
+    # the first m clips of a list of listen() reports
+    def joined(reports, m):
         return {key: torch.cat([r[key] for r in reports])[:m] for key in reports[0]}
     reports = {name: [] for name in ["base", *models]}
     decisive = dict.fromkeys(models, 0)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data import caption_for, load_corpus
 from encoders import TextEncoder, load_pretrained, make_codec
-from model import load_checkpoint, save_atomic
+from model import load_or_fit
 
 CAPTION_VARIANTS = 2    # differently phrased captions per training clip, so paraphrases embed alike
 CAPTION_TOKENS = 64     # caption tokens the text tower sees: captions with two defects need about 40
@@ -74,7 +74,8 @@ def fit_small_clap(cfg, mel_codec, text_encoder, rank=0):
     mel = torch.cat([mel_codec.encode(corpus.audio[i:i + 512]) for i in range(0, len(corpus), 512)])
 
     def describe(i):
-        if not corpus.attributes:                 # real data: the captions file's caption as written
+        # real data: the captions file's caption as written
+        if not corpus.attributes:
             return corpus.captions[i]
         words = [QUALITY_WORDS[d] for d in corpus.defects[i]]
         return caption_for(corpus.attributes[i], rng) + (", " + ", ".join(words) if words else "")
@@ -86,7 +87,8 @@ def fit_small_clap(cfg, mel_codec, text_encoder, rank=0):
     quietest = torch.where(at, mel.sum(1).argmin(-1), -1)
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["seed"])            # the same initial weights whatever ran before in this process
+        # the same initial weights whatever ran before in this process
+        torch.manual_seed(cfg["seed"])
         model = SmallClap(mel.shape[1], text_encoder.dim, window_frames=cc["window_frames"], hop_frames=cc["hop_frames"])
     model.to(mel_codec.device)
     opt = torch.optim.Adam(model.parameters(), lr=cc["lr"])
@@ -115,7 +117,8 @@ def clap_step(model, opt, mel, quietest, states, cc, g, rng, bar):
     t = model.embed_text_states(text[idx].to(device), mask[idx].to(device))
     logits = model.log_temp.exp().clamp(max=100) * a @ t.T
     labels = torch.arange(B, device=device)
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2   # symmetric InfoNCE
+    # symmetric InfoNCE
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -134,9 +137,11 @@ def clap_retrieval(model, mel_codec, text_encoder, cfg, n=100):
             raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: set "
                              "data.valid_captions or data.test_captions")
     corpus = load_corpus(cfg["data"], split, n=n)
-    idx = torch.linspace(0, len(corpus) - 1, min(n, len(corpus))).round().long().unique()   # spread over files
+    # spread over files
+    idx = torch.linspace(0, len(corpus) - 1, min(n, len(corpus))).round().long().unique()
     captions = [corpus.captions[i] for i in idx.tolist()]
-    unique = list(dict.fromkeys(captions))                     # windows of one real file share a caption
+    # windows of one real file share a caption
+    unique = list(dict.fromkeys(captions))
     enc = ClapEncoder(model, mel_codec, text_encoder)
     a = enc.audio_embedding(corpus.audio[idx])
     t = enc.text_embedding(unique)
@@ -250,18 +255,16 @@ def load_or_fit_clap(cfg, rank=0, device="cpu"):
     path = os.path.join(reward_dir(cfg), "clap.pt")
     fitted_on = {"clap": {k: v for k, v in cc.items() if k not in ("kind", "path")}, "data": cfg["data"],
                  "codec": cfg["codec"], "seed": cfg["seed"], "text_encoder": cfg["text_encoder"]}
-    if os.path.isfile(path):
-        ckpt = load_checkpoint(path)
-        if ckpt.get("fitted_on") == fitted_on:          # refit when the config it was fitted with changed
-            model = SmallClap(**ckpt["config"])
-            model.load_state_dict(ckpt["model"])
-            return ClapEncoder(model.to(mel.device).eval(), mel, text_encoder)
-    t0 = time.time()
-    model, report = fit_small_clap(cfg, mel, text_encoder, rank)
-    if rank == 0:
-        save_atomic({"config": model.config, "model": model.state_dict(), "report": report, "fitted_on": fitted_on},
-                    path)
-        tqdm.write(f"offline CLAP fitted in {time.time() - t0:.0f}s: held-out retrieval top-1 {report['top1']:.1%} "
-                   f"(chance {report['chance_top1']:.1%}), top-5 {report['top5']:.1%} (chance "
-                   f"{report['chance_top5']:.1%}); saved to {path}")
-    return ClapEncoder(model, mel, text_encoder)
+
+    def fit():
+        t0 = time.time()
+        model, r = fit_small_clap(cfg, mel, text_encoder, rank)
+        if rank == 0:
+            tqdm.write(f"offline CLAP fitted in {time.time() - t0:.0f}s: held-out retrieval top-1 "
+                       f"{r['top1']:.1%} (chance {r['chance_top1']:.1%}), top-5 {r['top5']:.1%} "
+                       f"(chance {r['chance_top5']:.1%}); saved to {path}")
+        return {"config": model.config, "model": model.state_dict(), "report": r}
+    fitted = load_or_fit(path, fitted_on, fit, rank)       # refit when its config changed
+    model = SmallClap(**fitted["config"])
+    model.load_state_dict(fitted["model"])
+    return ClapEncoder(model.to(mel.device).eval(), mel, text_encoder)

@@ -34,10 +34,12 @@ def read_wav(path):
         raise ValueError(f"audio file {path} could not be read as WAV: {e}") from e
     if a.dtype == np.uint8:                                  # 8-bit WAV is unsigned, centred at 128
         a = (a.astype(np.float32) - 128.0) / 128.0
-    elif np.issubdtype(a.dtype, np.integer):                # 16/32-bit signed (scipy reads 24-bit as 32)
+    # 16/32-bit signed (scipy reads 24-bit as 32)
+    elif np.issubdtype(a.dtype, np.integer):
         a = a.astype(np.float32) / float(-np.iinfo(a.dtype).min)
     a = np.asarray(a, dtype=np.float32)
-    if np.abs(a).max(initial=0.0) > 1.0:                    # float WAV beyond full scale: kept, not rescaled
+    # float WAV beyond full scale: kept, not rescaled
+    if np.abs(a).max(initial=0.0) > 1.0:
         warnings.warn(f"audio file {path} peaks at {np.abs(a).max():.2f}, beyond full scale [-1, 1]; "
                       f"it is used as it is (scale the file to change that)")
     a = a[None, :] if a.ndim == 1 else a.T
@@ -243,7 +245,8 @@ def render_clip(attrs, defects, sr, seconds, rng, noise_floor=0.0):
     note_len = 60.0 / bpm / NOTES_PER_BEAT[attrs["density"]]
     n_notes = int(math.ceil(seconds / note_len))
     steps = SCALE_STEPS[attrs["scale"]]
-    tonic = REGISTER_MIDI[attrs["register"]] + KEYS.index(attrs["key"]) % 6   # stay inside the register
+    # stay inside the register
+    tonic = REGISTER_MIDI[attrs["register"]] + KEYS.index(attrs["key"]) % 6
     degree = int(rng.integers(0, 5))
     onsets = np.arange(n_notes) * note_len
     if "jitter" in defects:                                 # defect: sloppy timing
@@ -287,7 +290,8 @@ class Corpus:
     ratings: torch.Tensor
     attributes: list = field(default_factory=list)
     defects: list = field(default_factory=list)
-    files: list = field(default_factory=list)       # real data: the audio file each window was cut from
+    # real data: the audio file each window was cut from
+    files: list = field(default_factory=list)
 
     def __len__(self):
         return len(self.captions)
@@ -479,7 +483,8 @@ def prompt_set(data_cfg, name):
         for lineno, cols in rows:
             if len(cols) not in (2, 3) or not cols[1].strip():
                 raise ValueError(f"{path}:{lineno}: expected 'path<TAB>caption[<TAB>rating]' with a caption")
-        return [cols[1].strip() for _, cols in rows]               # one prompt per line, audio not loaded
+        # one prompt per line, audio not loaded
+        return [cols[1].strip() for _, cols in rows]
     if name == "train":
         return [clip_spec("train", i, data_cfg["seed"], data_cfg["p_defect"])[2] for i in range(data_cfg["n_train"])]
     if data_cfg["source"] == "folder":

@@ -5,7 +5,8 @@ set D+ and a negative set D-; the model is moved toward D+ and away from D- rela
 reference f_ref:
   Eq. (7)  A_theta(x) = e_theta(x) - e_ref(x)        per-example denoising error, same x0, sigma, n
   Eq. (6)  DPO on pairs:     L = -log sigmoid(-kappa beta (A_theta(x+) - A_theta(x-)))
-  Eq. (8)  KTO on labels:    z = stopgrad(max(0, mean(-A_theta)));  L = w_s (1 - sigmoid(s beta (-A_theta - z)))
+  Eq. (8)  KTO on labels:    L = w_s (1 - sigmoid(s beta (-A_theta(x) - z))),
+                             s = +1 on D+ and -1 on D-,  z = stopgrad(max(0, mean(-A_theta)))
 Lower error than the reference on x means higher likelihood of x, so both losses raise the
 likelihood of D+ and lower that of D-. At theta = ref the DPO loss is ln 2: not a bug.
 The losses are per pair / per example; train.py averages them over the global batch.
@@ -37,7 +38,8 @@ def A_theta(e_theta, e_ref):
 
 def dpo_loss(A_pos, A_neg, beta, kappa=0.5):
     """Eq. (6), Diffusion-DPO, per pair (x+, x-) that share sigma and noise:
-    -log sigmoid(-kappa beta (A+ - A-)). Also returns the sigmoid's argument (|.| > 5: saturated)."""
+    -log sigmoid(-kappa beta (A+ - A-)). Also returns the sigmoid's argument (|.| > 5:
+    saturated)."""
     logits = -kappa * beta * (A_pos - A_neg)
     return -F.logsigmoid(logits), logits
 
@@ -84,7 +86,8 @@ def paired_sets(rewards, pairs):
 
 def median_split(scores):
     """Instance rewards (or per-example scores), unpaired: the upper half of the batch is positive,
-    the lower half negative (a split at the median; with an odd batch the median clip is left out)."""
+    the lower half negative (a split at the median; with an odd batch the median clip is left
+    out)."""
     order = torch.argsort(torch.as_tensor(scores), descending=True, stable=True)
     half = len(order) // 2
     return Sets(order[:half], order[len(order) - half:], paired=False)
@@ -111,13 +114,16 @@ def leave_one_out(set_reward, n):
     """Set rewards, per-example contribution: r(S) - r(S without x) for each of the n examples."""
     everyone = torch.arange(n)
     full = set_reward(everyone)
-    return torch.tensor([full - set_reward(everyone[everyone != i]) for i in range(n)], dtype=torch.float64)
+    return torch.tensor([full - set_reward(everyone[everyone != i]) for i in range(n)],
+                        dtype=torch.float64)
 
 
 def set_vs_set(set_reward, pairs):
     """Ablation: whole sets D1 and D2 compared once, no swapping; the better one is D+."""
     d1, d2 = pairs[:, 0], pairs[:, 1]
-    return Sets(d1, d2, paired=True) if set_reward(d1) >= set_reward(d2) else Sets(d2, d1, paired=True)
+    if set_reward(d1) >= set_reward(d2):
+        return Sets(d1, d2, paired=True)
+    return Sets(d2, d1, paired=True)
 
 
 def build_sets(method, pairs, rewards=None, set_reward=None, generator=None):
@@ -135,7 +141,8 @@ def build_sets(method, pairs, rewards=None, set_reward=None, generator=None):
         return median_split(leave_one_out(set_reward, int(pairs.max()) + 1))
     if method == "set_vs_set":
         return set_vs_set(set_reward, pairs)
-    raise ValueError(f"dragon.sets must be paired, unpaired, greedy, loo or set_vs_set, got {method!r}")
+    raise ValueError(f"dragon.sets must be paired, unpaired, greedy, loo or set_vs_set, got "
+                     f"{method!r}")
 
 
 def pair_up(sets, generator=None):

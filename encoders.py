@@ -101,7 +101,8 @@ class MelCodec:
         log_mel = (z.float() * self.log_scale + self.log_mean).clamp(math.log(self.log_floor), math.log(self.n_fft))
         mel = (log_mel.exp() - self.log_floor).clamp(min=0)
         mag = self.inverse_mel(mel)
-        mag = torch.cat([mag, mag[..., -1:]], dim=-1)          # STFT with center=True has T+1 frames
+        # STFT with center=True has T+1 frames
+        mag = torch.cat([mag, mag[..., -1:]], dim=-1)
         return self.griffin_lim(mag, z.shape[-1] * self.hop).clamp(-1, 1)
 
     def inverse_mel(self, mel, iters=20):
@@ -223,8 +224,8 @@ class TextEncoder:
         if cut:
             self.warned = True
             warnings.warn(f"text encoder: {cut} of {len(prompts)} prompts are longer than max_tokens={self.max_tokens} "
-                          f"tokens (longest {max(lengths)}) and are cut; raise text_encoder.max_tokens (or "
-                          f"clap.max_tokens for the CLAP's captions) to keep their ends")
+                          f"tokens (longest {max(lengths)}) and are cut; raise text_encoder.max_tokens "
+                          f"to keep their ends")
 
     @torch.no_grad()
     def encode_new(self, prompts):

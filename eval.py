@@ -46,13 +46,15 @@ def win_rate(rewards_finetuned, rewards_base, n_boot=2000, seed=0):
     over prompts: (rate, ci_low, ci_high)."""
     ft, base = np.asarray(rewards_finetuned, dtype=float), np.asarray(rewards_base, dtype=float)
     if ft.shape != base.shape or ft.ndim != 1 or len(ft) == 0:
-        raise ValueError(f"win_rate needs two equal-length 1-D reward vectors, got {ft.shape} and {base.shape}")
+        raise ValueError(f"win_rate needs two equal-length 1-D reward vectors, got {ft.shape} and "
+                         f"{base.shape}")
     wins = (ft > base) + 0.5 * (ft == base)
     boot = np.random.default_rng(seed).choice(wins, size=(n_boot, len(wins))).mean(axis=1)
     return float(wins.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
-def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=100, halves_per_boot=10, seed=0):
+def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=100, halves_per_boot=10,
+                 seed=0):
     """Set rewards score a whole set, not a prompt. The fine-tuned model wins a subset of prompts
     when its set reward on them beats the base model's on the same prompts (ties 1/2); the win rate
     is over random halves of the n prompts. The 95% interval bootstraps the prompts themselves
@@ -69,7 +71,8 @@ def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=100, ha
             wins.append(1.0 if a > b else 0.5 if a == b else 0.0)
         return float(np.mean(wins))
     boot = [rate(rng.choice(n, size=n), halves_per_boot) for _ in range(n_boot)]
-    return rate(np.arange(n), n_halves), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return rate(np.arange(n), n_halves), float(low), float(high)
 
 
 def remembered(set_reward):
@@ -114,10 +117,13 @@ def plot_reward_curve(log_path, png_path, name):
     entries = [json.loads(line) for line in open(log_path)]
     ev = [e for e in entries if "eval_reward" in e]
     fig, (ax, ax_win) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax.plot([e["round"] for e in entries], [e["reward"] for e in entries], alpha=0.4, label="demonstrations")
-    ref = [e for e in entries if e.get("generator") == "ref"]   # rounds f_ref generated (F2, probability p_ref)
+    ax.plot([e["round"] for e in entries], [e["reward"] for e in entries], alpha=0.4,
+            label="demonstrations")
+    # rounds f_ref generated (F2, probability p_ref)
+    ref = [e for e in entries if e.get("generator") == "ref"]
     if ref:
-        ax.plot([e["round"] for e in ref], [e["reward"] for e in ref], "x", color="tab:blue", label="… by f_ref")
+        ax.plot([e["round"] for e in ref], [e["reward"] for e in ref], "x", color="tab:blue",
+                label="… by f_ref")
     if ev:
         ax.plot([0] + [e["round"] for e in ev], [ev[0]["eval_reward_base"]] + [e["eval_reward"] for e in ev], "o-",
                 label="held-out prompts")
@@ -127,7 +133,8 @@ def plot_reward_curve(log_path, png_path, name):
     wins = [e for e in ev if "eval_win_rate" in e]
     rate = [100 * e["eval_win_rate"] for e in wins]
     bounds = [[100 * b for b in e.get("eval_win_ci", [e["eval_win_rate"]] * 2)] for e in wins]
-    ci = [[r - lo for r, (lo, _) in zip(rate, bounds)], [hi - r for r, (_, hi) in zip(rate, bounds)]]
+    ci = [[r - lo for r, (lo, _) in zip(rate, bounds)],
+          [hi - r for r, (_, hi) in zip(rate, bounds)]]
     ax_win.plot([0] + [e["round"] for e in wins], [50] + rate, "-", color="tab:green")
     ax_win.errorbar([e["round"] for e in wins], rate, yerr=ci, fmt="o", color="tab:green", capsize=3,
                     label="95% interval over prompts")
@@ -157,11 +164,13 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     T = clip_latent_length(codec, cfg["data"])
     rows, latents, audio = [], {}, {}
     for set_name in ec["prompt_sets"]:
-        prompts, seeds = evaluation_prompts(cfg, set_name)                 # same noise for every model
+        # same noise for every model
+        prompts, seeds = evaluation_prompts(cfg, set_name)
         latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device,
                                                     bf16=use_bf16(cfg["dragon"], device))
                              for name, m in {"base": base, **finetuned}.items()}
-        audio[set_name] = {name: codec.decode(z) for name, z in latents[set_name].items()}   # decoded once
+        # decoded once
+        audio[set_name] = {name: codec.decode(z) for name, z in latents[set_name].items()}
         features = {}                                                     # (model, encoder) -> features
         for spec in ec["rewards"]:
             reward = build_reward_from_spec(cfg, spec, codec)
@@ -169,7 +178,8 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
             def scored(name):
                 key = (name, reward.encoder)
                 if key not in features:
-                    features[key] = reward.features(latents[set_name][name], prompts, audio[set_name][name])
+                    features[key] = reward.features(latents[set_name][name], prompts,
+                                                    audio[set_name][name])
                 return reward.scores(features[key], prompts)
             base_scores = scored("base")
             base_of = remembered(base_scores.of)
@@ -179,12 +189,13 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
                 if reward.is_set:
                     rate, lo, hi = set_win_rate(ft_scores.of, base_of, len(prompts))
                 else:
-                    rate, lo, hi = win_rate(ft_scores.per_example.numpy(), base_scores.per_example.numpy())
+                    rate, lo, hi = win_rate(ft_scores.per_example.numpy(),
+                                            base_scores.per_example.numpy())
                 rows.append({"model": name, "prompts": set_name, "reward": reward.name, "type": reward.type,
                              "base": v_base, "finetuned": v_ft, "win_rate": rate, "ci_low": lo, "ci_high": hi,
                              "n": len(prompts)})
-                print(f"{name:14.14s} {set_name:8s} {reward.name:34s} base {v_base:9.4f}  fine-tuned {v_ft:9.4f}  "
-                      f"win {rate:6.1%} [{lo:.1%}, {hi:.1%}]", flush=True)
+                print(f"{name:14.14s} {set_name:8s} {reward.name:34s} base {v_base:9.4f}  "
+                      f"fine-tuned {v_ft:9.4f}  win {rate:6.1%} [{lo:.1%}, {hi:.1%}]", flush=True)
     return rows, latents, audio
 
 
@@ -210,19 +221,23 @@ def listening_rows(cfg, audio, sample_rate):
 
 
 def votes_table(votes):
-    lines = ["| prompts | model | preferred / decisive pairs (ties) | win rate | p-value (one-sided) | 95% lower bound |",
+    lines = ["| prompts | model | preferred / decisive pairs (ties) | win rate | p-value "
+             "(one-sided) | 95% lower bound |",
              "| --- | --- | --- | --- | --- | --- |"]
     for v in votes:
         stats = (f"{v['win_rate']:.1%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}" if v["decisive"]
                  else "- | - | -")
-        lines.append(f"| {v['prompts']} | {v['model']} | {v['wins']} / {v['decisive']} ({v['ties']}) | {stats} |")
+        lines.append(f"| {v['prompts']} | {v['model']} | {v['wins']} / {v['decisive']} "
+                     f"({v['ties']}) | {stats} |")
     return "\n".join(lines)
 
 
 def changes_table(votes):
     """Per prompt set, clip pairs (same prompt and noise) where only the fine-tuned clip / only the base
     clip has a defect or matches the prompt's attribute, with McNemar's exact two-sided p."""
-    lines = ["| prompts | model | " + " | ".join(f"{k}: tuned only / base only (p)" for k in votes[0]["changes"]) + " |",
+    names = votes[0]["changes"]
+    lines = ["| prompts | model | " + " | ".join(f"{k}: tuned only / base only (p)" for k in names)
+             + " |",
              "| --- " * (len(votes[0]["changes"]) + 2) + "|"]
     for v in votes:
         lines.append(f"| {v['prompts']} | {v['model']} | " + " | ".join(
@@ -238,10 +253,11 @@ def listening_table(rows):
 
 
 def markdown_table(rows):
-    lines = ["| prompts | reward | type | base | fine-tuned | win rate [95% CI] |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| prompts | reward | type | base | fine-tuned | win rate [95% CI] |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['prompts']} | {r['reward']} | {r['type']} | {r['base']:.4f} | {r['finetuned']:.4f} | "
-                     f"{r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] |")
+        lines.append(f"| {r['prompts']} | {r['reward']} | {r['type']} | {r['base']:.4f} | "
+                     f"{r['finetuned']:.4f} | {r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] |")
     return "\n".join(lines)
 
 
@@ -252,7 +268,8 @@ def plot_win_rates(rows, path):
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
     labels = [f"{r['reward']} ({r['prompts']})" for r in rows]
     rates = np.array([r["win_rate"] for r in rows]) * 100
-    err = np.array([[r["win_rate"] - r["ci_low"], r["ci_high"] - r["win_rate"]] for r in rows]).T * 100
+    err = np.array([[r["win_rate"] - r["ci_low"],
+                     r["ci_high"] - r["win_rate"]] for r in rows]).T * 100
     ax.barh(labels, rates, xerr=err, color="tab:blue", alpha=0.8)
     ax.axvline(50, color="gray", ls="--")
     ax.set_xlabel("win rate against the base model (%)")
@@ -276,7 +293,8 @@ def plot_radar(rows, path):
     ax.plot(closed, np.full(len(closed), 50.0), "k--", lw=1, label="base model (50%)")
     several_sets = len({prompts for _, prompts in groups}) > 1
     for model, prompts in groups:
-        rate = {r["reward"]: 100 * r["win_rate"] for r in rows if (r["model"], r["prompts"]) == (model, prompts)}
+        rate = {r["reward"]: 100 * r["win_rate"] for r in rows
+                if (r["model"], r["prompts"]) == (model, prompts)}
         values = [rate.get(k, np.nan) for k in rewards]
         ax.plot(closed, values + values[:1], lw=1.5, marker="o", ms=3,
                 label=f"{model} ({prompts})" if several_sets else model)
@@ -299,13 +317,16 @@ def main(cfg):
     finetuned = load_model(ckpt, map_location=device)[0].eval()
     codec = make_codec(cfg, device)
     text_encoder = make_text_encoder(cfg, device)
-    rows, _, audio = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder, device)
+    rows, _, audio = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder,
+                                     device)
     heard, votes = listening_rows(cfg, audio, codec.sample_rate)
     table = (markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n" + listening_table(heard)
-             + "\n\nThe listening test (the listener prefers the clip with fewer defects, then the one matching more "
-               "of the prompt's register and dynamics; ties dropped):\n\n" + votes_table(votes)
-             + "\n\nClip by clip (same prompt and noise): pairs where only one of the two clips has a defect or "
-               "matches the prompt, with McNemar's exact two-sided p:\n\n" + changes_table(votes))
+             + "\n\nThe listening test (the listener prefers the clip with fewer defects, then the "
+               "one matching more of the prompt's register and dynamics; ties dropped):\n\n"
+             + votes_table(votes)
+             + "\n\nClip by clip (same prompt and noise): pairs where only one of the two clips "
+               "has a defect or matches the prompt, with McNemar's exact two-sided p:\n\n"
+             + changes_table(votes))
     with open(os.path.join(out, "eval.md"), "w") as f:
         f.write(f"Fine-tuned {ckpt} against the base model\n\n{table}\n")
     with open(os.path.join(out, "eval.json"), "w") as f:
@@ -315,7 +336,8 @@ def main(cfg):
     first = ec["prompt_sets"][0]
     for name in audio[first]:
         for i, a in enumerate(audio[first][name][:N_WAV]):
-            write_wav(os.path.join(out, "eval_samples", f"{i:02d}_{name}.wav"), a, cfg["data"]["sample_rate"])
+            write_wav(os.path.join(out, "eval_samples", f"{i:02d}_{name}.wav"), a,
+                      cfg["data"]["sample_rate"])
     print(table)
     print(f"wrote {out}/eval.md, eval.json, win_rates.png, radar.png, eval_samples/")
     return rows

@@ -3,7 +3,7 @@
 #
 #     bash gpu_smoke.sh [OUT_DIR]          (DEVICE=cpu bash gpu_smoke.sh runs the same steps on a CPU)
 #
-# Needs the CUDA build of torch (README, "Set up"). Steps and what each must print:
+# Needs the CUDA build of torch (README, "Larger models and GPUs"). Steps and what each must print:
 #   1. pre-training with bf16 autocast            -> "saved the base model (EMA)", "register check"
 #   2. DRAGON, 2 rounds, bf16 demonstrations      -> "done: held-out aesthetics ... win rate"
 #   3. the same command with dragon.rounds=3      -> "resumed ... at round 2" (Adam's state from the CPU)
@@ -17,7 +17,7 @@ OUT=${1:-runs/gpu_smoke}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python}
 SMALL=(device=$DEVICE out_dir=$OUT data.n_train=1024 data.n_valid=64 data.n_test=64 pretrain.steps=300
-       pretrain.n_check=16 pretrain.n_samples=2 clap.steps=300 aesthetics.max_clips=400 reward.n_reference=64
+       pretrain.n_check=16 clap.steps=300 aesthetics.max_clips=400 reward.n_reference=64
        dragon.prompts_per_round=16 dragon.n_eval=16 dragon.eval_every=1 dragon.ckpt_every=1 eval.n_prompts=16)
 step() { echo; echo "=== $1"; shift; "$@" 2>&1 | grep -v "it/s\]" | tee -a "$OUT/smoke.log" | tail -n 4; }
 mkdir -p "$OUT"; : > "$OUT/smoke.log"

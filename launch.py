@@ -114,7 +114,7 @@ def gpu_hint():
     if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
         return ""
     return (f"; WARNING: this machine has an NVIDIA GPU, but torch {torch.__version__} (CUDA "
-            f"{torch.version.cuda}) cannot use it: install the CUDA build of torch (README, Set up)")
+            f"{torch.version.cuda}) cannot use it: install the CUDA build of torch (README, GPUs)")
 
 
 def rank0_first(world, rank, fn):

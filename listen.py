@@ -59,7 +59,8 @@ def detect_defects(audio, sr, n_fft=512, hop=256, gap_frames=3):
     floor = (spec[:, freqs > 4000].sum(dim=1) / total.mean(dim=1, keepdim=True)).quantile(0.2, dim=1)
     quiet = (total / total.max(dim=1, keepdim=True).values)[:, 2:-2] < 1e-4
     run, longest = torch.zeros(len(quiet)), torch.zeros(len(quiet))
-    for t in range(quiet.shape[1]):                                                  # longest quiet run
+    # longest quiet run
+    for t in range(quiet.shape[1]):
         run = (run + 1) * quiet[:, t]
         longest = torch.maximum(longest, run)
     return [{name for name, hit in (("hiss", f > 1e-2), ("dropout", n >= gap_frames)) if hit}
@@ -123,7 +124,8 @@ def paired_changes(report_a, report_b):
     for key in [*HEARD_DEFECTS, *(f"{attr}_match" for attr in READABLE)]:
         if key not in report_a:
             continue
-        a, b = report_a[key] == 1.0, report_b[key] == 1.0          # a NaN match (attribute not named) is False
+        # a NaN match (attribute not named) is False
+        a, b = report_a[key] == 1.0, report_b[key] == 1.0
         a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
         p = scipy.stats.binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0
         out[key] = {"a_only": a_only, "b_only": b_only, "p_value": float(p)}

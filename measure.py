@@ -32,11 +32,13 @@ from pretrain import base_model
 from sampler import generate_latents
 from rewards import build_reward, build_reward_from_spec
 
-EDITS = {                                                               # name -> audio [B, samples] -> edited audio
+# name -> audio [B, samples] -> edited audio
+EDITS = {
     "+0.25 s silent gap (a dropout)": lambda a, sr: silent_gap(a, int(0.25 * sr)),
     "x3 gain, clipped at full scale": lambda a, sr: (3 * a).clamp(-1.0, 1.0),
 }
-SAMPLER_VARIANTS = {                                                    # name -> overrides of config's sampler
+# name -> overrides of config's sampler
+SAMPLER_VARIANTS = {
     "config.yaml's sampler": {},
     "plain CFG (cfg_rescale 0)": {"cfg_rescale": 0.0},
     "CFG++ correction 'guided'": {"cfgpp_correction": "guided"},
@@ -50,7 +52,8 @@ SAMPLER_VARIANTS = {                                                    # name -
 
 def main(cfg, n=80):
     _, _, device = setup_distributed(cfg, single="measure.py")
-    model = load_model(base_model(cfg), map_location=device)[0].eval()   # pre-trained first when missing
+    # pre-trained first when missing
+    model = load_model(base_model(cfg), map_location=device)[0].eval()
     codec = make_codec(cfg, device)
     text_encoder = make_text_encoder(cfg, device)
     prompts = (prompt_set(cfg["data"], "heldout") * 2)[:n]

@@ -1,8 +1,8 @@
 """The generator: an EDM-preconditioned diffusion transformer (DiT) over 1-D codec latents.
 
-Read next to the EDM paper (Karras et al. 2022, Table 1), which DRAGON follows. The network F sees a noisy latent sequence x [B, C, T],
-the noise level through c_noise = 1/4 ln(sigma), and text as a sequence of frozen text-encoder
-token states with a padding mask. The denoiser of the paper is
+Read next to the EDM paper (Karras et al. 2022, Table 1), which DRAGON follows. The network F
+sees a noisy latent sequence x [B, C, T], the noise level through c_noise = 1/4 ln(sigma), and
+text as a sequence of frozen text-encoder token states with a padding mask. The paper's denoiser is
 
     D(x; sigma, c) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma), c)
 
@@ -41,10 +41,12 @@ class DiTConfig:
 
     def __post_init__(self):
         if self.width % self.heads:
-            raise ValueError(f"model.width={self.width} must be divisible by model.heads={self.heads}")
+            raise ValueError(f"model.width={self.width} must be divisible by "
+                             f"model.heads={self.heads}")
         for key in ("latent_channels", "patch", "width", "depth", "heads", "text_dim"):
             if getattr(self, key) < 1:
-                raise ValueError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+                raise ValueError(f"model.{key} must be a positive integer, got "
+                                 f"{getattr(self, key)}")
         if self.sigma_data <= 0:
             raise ValueError(f"model.sigma_data must be > 0, got {self.sigma_data}")
 
@@ -63,7 +65,8 @@ def edm_scalings(sigma, sigma_data):
 
 
 def edm_weight(sigma, sigma_data):
-    """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2 (Karras et al. 2022, Table 1)."""
+    """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2 (EDM, Table 1). The
+    reference form: loss_per_example applies it implicitly, as an MSE in F's output space."""
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
 
@@ -90,8 +93,9 @@ def loss_per_example(model, x0, text, mask, sigma, noise):
     """e(x0) = lambda(sigma) mean((D - x0)^2) = mean((F - F*)^2), one value per example [B].
 
     F* = (x0 - c_skip (x0 + sigma n)) / c_out is the network output that would make D exact.
-    The mean (not sum) over elements is our choice (the paper does not say); DRAGON's A_theta (Eq. 7)
-    and its DPO/KTO losses (Eqs. 6, 8) consume this vector with the caller's sigma and noise.
+    The mean (not sum) over elements is our choice (the paper does not say); DRAGON's A_theta
+    (Eq. 7) and its DPO/KTO losses (Eqs. 6, 8) consume this vector with the caller's sigma and
+    noise.
     """
     s = _per_example_sigma(sigma, x0)
     sigma_data = getattr(model, "module", model).config.sigma_data   # model may be DDP-wrapped
@@ -122,7 +126,7 @@ def null_condition(mask):
 # ---------------------------------------------------------------------------------------------
 
 def sinusoidal(values, dim, max_period=10000.0):
-    """[N] -> [N, dim] sinusoidal features (EDM's positional embedding of c_noise, and positions)."""
+    """[N] -> [N, dim] sinusoidal features (EDM's embedding of c_noise, and of positions)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device) / half)
     angles = values.float()[:, None] * freqs[None, :]
@@ -148,7 +152,8 @@ class DiTBlock(nn.Module):
         self.proj = nn.Linear(W, W)
         self.norm2 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
         hidden = int(W * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(W, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, W))
+        self.mlp = nn.Sequential(nn.Linear(W, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, W))
         self.adaLN = nn.Linear(W, 6 * W)     # zero-initialised: the block starts as the identity
         nn.init.zeros_(self.adaLN.weight)
         nn.init.zeros_(self.adaLN.bias)
@@ -165,7 +170,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, h, emb, text, key_mask):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(F.silu(emb)).chunk(6, dim=1)
-        h = h + gate1[:, None, :] * self.attention(modulate(self.norm1(h), shift1, scale1), text, key_mask)
+        h = h + gate1[:, None, :] * self.attention(modulate(self.norm1(h), shift1, scale1), text,
+                                                   key_mask)
         h = h + gate2[:, None, :] * self.mlp(modulate(self.norm2(h), shift2, scale2))
         return h
 
@@ -194,19 +200,23 @@ class DiT(nn.Module):
         p = self.config.patch
         if C != self.config.latent_channels or T % p:
             raise ValueError(f"latent of shape {tuple(x_in.shape)} does not fit the model: "
-                             f"needs {self.config.latent_channels} channels and a length divisible by patch={p}")
+                             f"needs {self.config.latent_channels} channels and a length divisible "
+                             f"by patch={p}")
         dtype = self.patch_in.weight.dtype
         # 1-D patching: p consecutive latent frames -> one token
-        tokens = x_in.to(dtype).reshape(B, C, T // p, p).permute(0, 2, 1, 3).reshape(B, T // p, C * p)
+        tokens = x_in.to(dtype).reshape(B, C, T // p, p).permute(0, 2, 1, 3)
+        tokens = tokens.reshape(B, T // p, C * p)
         h = self.patch_in(tokens)
         h = h + sinusoidal(torch.arange(T // p, device=h.device), h.shape[-1]).to(h.dtype)
-        # noise level: c_noise = 1/4 ln sigma -> sinusoidal -> MLP (EDM; the paper: adaptive layer norm)
+        # noise level: c_noise = 1/4 ln sigma -> sinusoidal -> MLP (EDM; paper: adaptive layer norm)
         emb = self.noise_mlp(sinusoidal(c_noise, h.shape[-1]).to(h.dtype))
         text = self.text_in(text.to(dtype))
-        key_mask = torch.cat([torch.ones(B, T // p, dtype=torch.bool, device=h.device), mask.bool()], dim=1)
+        key_mask = torch.cat([torch.ones(B, T // p, dtype=torch.bool, device=h.device),
+                              mask.bool()], dim=1)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(block, h, emb, text, key_mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, h, emb, text, key_mask,
+                                                      use_reentrant=False)
             else:
                 h = block(h, emb, text, key_mask)
         shift, scale = self.adaLN_out(F.silu(emb)).chunk(2, dim=1)
@@ -246,6 +256,20 @@ def save_model(path, model, **extra):
     save_atomic({"model_config": asdict(model.config), "model": model.state_dict(), **extra}, path)
 
 
+def load_or_fit(path, key, fit, rank=0):
+    """The dict cached at path when it was made with `key`, else fit()'s dict, saved there (by
+    rank 0) with the key: fitted reward models and reference statistics are made again when
+    anything they depend on changes."""
+    if os.path.isfile(path):
+        cached = load_checkpoint(path)
+        if cached.get("key") == key:
+            return cached
+    value = dict(fit(), key=key)
+    if rank == 0:
+        save_atomic(value, path)
+    return value
+
+
 def load_checkpoint(path, map_location="cpu"):
     """The raw checkpoint dict, read safely (weights_only=True); a clear error if it is missing."""
     if not os.path.isfile(path):
@@ -260,7 +284,8 @@ def load_model(path, map_location="cpu"):
     """Rebuild the DiT from a checkpoint written by save_model; returns (model, checkpoint dict)."""
     ckpt = load_checkpoint(path, map_location)
     if "model_config" not in ckpt or "model" not in ckpt:
-        raise RuntimeError(f"checkpoint {path} has no 'model_config'/'model' entries: not a DiT checkpoint")
+        raise RuntimeError(f"checkpoint {path} has no 'model_config'/'model' entries: not a "
+                           f"DiT checkpoint")
     model = DiT(DiTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(map_location), ckpt

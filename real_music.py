@@ -160,6 +160,8 @@ def main(argv):
         f.writelines(f"{p}\n" for p in ["some calm piano music", "a fast tune with drums", "an orchestral theme",
                                          "a bluesy piece with bass and guitar", "slow strings, no drums"])
     print(f"wrote {len(rows)} files ({len(train)} train, {len(test)} test) and captions to {args.out_dir}")
+    print("use it with: python pretrain.py config.yaml " + " ".join(folder_overrides(args.out_dir))
+          + " out_dir=runs/real  (the same overrides for train.py and eval.py)")
 
 
 if __name__ == "__main__":

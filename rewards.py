@@ -12,6 +12,19 @@ Encoders (the E of an exemplar reward), each giving frame embeddings [B, frames,
   latent  the generator's own codec latents, one embedding per latent frame (the paper's VAE-FAD)
   clap    CLAP window embeddings (clap.py): offline, a small audio-text model fitted here on the
           training corpus (SmallClap); at real scale, transformers' ClapModel from a folder or hub name.
+
+Adding a reward is one builder and one row of REWARDS (at the end of this file). The cosine of a
+clip's mean embedding to an exemplar set's mean (tests/test_rewards.py checks it by hand):
+
+    def cosine_exemplar_reward(cfg, codec, clap, frames, ref, name, rank):
+        mu = ref["mu"].float()          # frames: per-clip features [B, n, d]; ref: (mu, sigma)
+        return {"score": lambda f, prompts=None: F.cosine_similarity(f.mean(1), mu[None], dim=-1)}
+        # a set reward returns {"set_scorer": lambda f: lambda members: r(S) of f[members]}
+
+    REWARDS["cosine_exemplar"] = ("instance-to-distribution", None, True, cosine_exemplar_reward)
+
+then `reward.kind=cosine_exemplar reward.encoder=clap reward.reference=text:alim` trains on it
+and `eval.rewards=[..., cosine_exemplar/clap/text:alim]` evaluates it.
 """
 import copy
 import hashlib
@@ -30,7 +43,7 @@ from tqdm import tqdm
 from clap import load_or_fit_clap, reward_dir
 from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, list_fingerprint, load_corpus, rated_files
 from data import read_prompts, resample
-from model import load_checkpoint, save_atomic
+from model import load_or_fit
 
 # =============================================================================================
 # Frechet distance (FAD, Kilgour et al. 2019) and Vendi score (Friedman & Dieng 2023)
@@ -51,7 +64,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """FD = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2), in float64.
 
     tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i) with lambda = eig(S1^(1/2) S2 S1^(1/2)): a symmetric PSD
-    matrix, so eigh applies and the result stays real for rank-deficient covariances."""
+    matrix, so eigh applies and the result stays real for rank-deficient covariances. The
+    reference form of the two-set FAD; the rewards use frechet_to_reference, which reuses the
+    reference's cached square root."""
     mu1, sigma1, mu2, sigma2 = map(_f64, (mu1, sigma1, mu2, sigma2))
     root1 = sqrtm_psd(sigma1)
     lam = torch.linalg.eigvalsh(root1 @ sigma2 @ root1).clamp(min=0)
@@ -125,13 +140,15 @@ def fit_aesthetics(cfg, embed_audio):
     corpus = load_corpus(cfg["data"], "train")
     rated = torch.isfinite(corpus.ratings).nonzero().flatten()[: ac["max_clips"]]
 
-    def rated_units(rated, what):                   # rated files (real data) or clips (synthetic), at least 20
+    # rated files (real data) or clips (synthetic), at least 20
+    def rated_units(rated, what):
         unit = [corpus.files[i] for i in rated.tolist()] if corpus.files else rated.tolist()
         if len(set(unit)) < 20:
-            how = ("add a 1-5 rating as a third tab-separated column to the lines of data.train_captions"
+            how = ("add a 1-5 rating as a third tab-separated column to the lines of "
+                   "data.train_captions"
                    if corpus.files else "raise data.rated_fraction or data.n_train")
-            raise ValueError(f"aesthetics: only {len(set(unit))} {what} training {'files' if corpus.files else 'clips'}; "
-                             f"need at least 20: {how}")
+            raise ValueError(f"aesthetics: only {len(set(unit))} {what} training "
+                             f"{'files' if corpus.files else 'clips'}; need at least 20: {how}")
         return unit
     rated_units(rated, "rated")
     rated = rated[audible(corpus.audio[rated], "aesthetics: rated training clips")]
@@ -141,7 +158,8 @@ def fit_aesthetics(cfg, embed_audio):
     mean, std = float(y.mean()), float(y.std())
     y = (y - mean) / std
     g = torch.Generator().manual_seed(cfg["seed"])
-    if corpus.files:                   # real data: all windows of a file fall on the same side of the split
+    # real data: all windows of a file fall on the same side of the split
+    if corpus.files:
         files = sorted(set(unit))
         held = {files[k] for k in torch.randperm(len(files), generator=g)[: max(1, round(VAL_FRACTION *
                                                                                        len(files)))].tolist()}
@@ -158,35 +176,36 @@ def fit_aesthetics(cfg, embed_audio):
         alpha = fit_kernel_ridge(X[tr], y[tr], ls, RIDGE)
         pred = rbf_kernel(X[val], X[tr], ls) @ alpha
         plcc = float(np.corrcoef(pred.numpy(), y[val].numpy())[0, 1])
-        if best is None or (np.isfinite(plcc) and not plcc <= best[1]):      # an undefined PLCC never wins
+        # an undefined PLCC never wins
+        if best is None or (np.isfinite(plcc) and not plcc <= best[1]):
             srcc = per_group_srcc(pred.numpy(), y[val].numpy(), [groups[i] for i in val.tolist()])
             best = (ls, plcc, srcc)
     ls, plcc, srcc = best
     if not np.isfinite(plcc):
-        raise ValueError(f"aesthetics: the validation PLCC is undefined on {len(val)} held-out clips (their ratings or "
-                         f"predictions are constant); rate more files, with different ratings")
+        raise ValueError(f"aesthetics: the validation PLCC is undefined on {len(val)} held-out "
+                         f"clips (their ratings or predictions are constant); rate more files, "
+                         f"with different ratings")
     alpha = fit_kernel_ridge(X, y, ls, RIDGE)             # refit on all rated clips
     return {"X": X, "alpha": alpha, "lengthscale": ls, "mean": mean, "std": std,
-            "report": {"plcc": plcc, "srcc_per_prompt": srcc, "n_train": len(tr), "n_val": len(val), "lengthscale": ls}}
+            "report": {"plcc": plcc, "srcc_per_prompt": srcc, "n_train": len(tr), "n_val": len(val),
+                       "lengthscale": ls}}
 
 
 def load_or_fit_aesthetics(cfg, identity, embed_audio, rank=0):
     """The fitted head from out_dir/rewards/aesthetics.pt when it was fitted with this encoder
     (identity), else fit it now and save it."""
     path = os.path.join(reward_dir(cfg), "aesthetics.pt")
-    if os.path.isfile(path):
-        head = load_checkpoint(path)
-        if head.get("identity") == identity:
-            return head
-    t0 = time.time()
-    head = fit_aesthetics(cfg, embed_audio)
-    head["identity"] = identity
-    if rank == 0:
-        save_atomic(head, path)
+
+    def fit():
+        t0 = time.time()
+        head = fit_aesthetics(cfg, embed_audio)
         r = head["report"]
-        tqdm.write(f"aesthetics predictor fitted in {time.time() - t0:.0f}s: validation PLCC {r['plcc']:.3f}, "
-                   f"per-prompt SRCC {r['srcc_per_prompt']:.3f} ({r['n_val']} held-out clips); saved to {path}")
-    return head
+        if rank == 0:
+            tqdm.write(f"aesthetics predictor fitted in {time.time() - t0:.0f}s: validation PLCC "
+                       f"{r['plcc']:.3f}, per-prompt SRCC {r['srcc_per_prompt']:.3f} "
+                       f"({r['n_val']} held-out clips); saved to {path}")
+        return head
+    return load_or_fit(path, identity, fit, rank)
 
 
 def predict_aesthetics(head, embeddings):
@@ -205,7 +224,8 @@ def reference_items(cfg, reference):
     kind, _, name = reference.partition(":")                  # checked by check_reward_inputs
     n = cfg["reward"]["n_reference"]
     if name in EXEMPLAR_RESTRICT and not os.path.isfile(name):
-        corpus = load_corpus(cfg["data"], f"exemplar_{name}", n=n, restrict=EXEMPLAR_RESTRICT[name], p_defect=0.0)
+        corpus = load_corpus(cfg["data"], f"exemplar_{name}", n=n, restrict=EXEMPLAR_RESTRICT[name],
+                             p_defect=0.0)
         return kind, corpus if kind == "audio" else corpus.captions
     if kind == "text":
         return kind, read_prompts(name)
@@ -221,15 +241,18 @@ def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
     meta = {"reference": reference, "encoder": encoder.identity, "n_reference": cfg["reward"]["n_reference"],
             "data_seed": cfg["data"]["seed"], "source": cfg["data"]["source"]}
     name = reference.partition(":")[2]
-    if os.path.isfile(name):                      # a file reference: keyed by its content and its files
+    # a file reference: keyed by its content and its files
+    if os.path.isfile(name):
         meta["files"] = list_fingerprint(name)
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    stem = f"{encoder.identity['kind']}_{reference.replace(':', '_').replace('/', '_')}"   # one per encoder: mel, small, ...
+    # one per encoder: mel, small, ...
+    stem = f"{encoder.identity['kind']}_{reference.replace(':', '_').replace('/', '_')}"
     path = os.path.join(reward_dir(cfg), f"ref_{stem}.pt")
-    if os.path.isfile(path):
-        cached = load_checkpoint(path)
-        if cached.get("meta_key") == key:
-            return cached["stats"]
+    return load_or_fit(path, key, lambda: reference_fit(cfg, encoder, reference, embed_audio, meta),
+                       rank)["stats"]
+
+
+def reference_fit(cfg, encoder, reference, embed_audio, meta):
     kind, items = reference_items(cfg, reference)
     if len(items) == 0:
         raise ValueError(f"reward.reference={reference}: the exemplar set is empty")
@@ -237,12 +260,11 @@ def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
         frames = encoder.text_embedding(items)
     else:
         audio = items.audio[audible(items.audio, f"reward.reference={reference}")]
-        frames = torch.cat([embed_audio(audio[i:i + 128]).flatten(0, 1) for i in range(0, len(audio), 128)])
+        chunks = [embed_audio(audio[i:i + 128]) for i in range(0, len(audio), 128)]
+        frames = torch.cat([c.flatten(0, 1) for c in chunks])
     stats = gaussian_stats(frames)
     stats["count"] = len(frames) if kind == "text" else len(audio)
-    if rank == 0:
-        save_atomic({"meta_key": key, "meta": meta, "stats": stats}, path)
-    return stats
+    return {"meta": meta, "stats": stats}
 
 
 # =============================================================================================
@@ -269,7 +291,8 @@ class Reward:
     costs one d x d eigendecomposition)."""
     name: str
     type: str
-    encoder: str             # whose frames features() returns: clap | latent (equal encoders, equal features)
+    # whose frames features() returns: clap | latent (equal encoders, equal features)
+    encoder: str
     features: object
     score: object = None
     set_scorer: object = None
@@ -281,8 +304,9 @@ class Reward:
     def scores(self, features, prompts):
         if self.is_set:
             r = self.set_scorer(features)
-            check_finite(torch.tensor([r(torch.arange(len(features)))]), f"reward {self.name} (a run keeps "
-                         "its last good checkpoint)", "sets", FloatingPointError)
+            check_finite(torch.tensor([r(torch.arange(len(features)))]),
+                         f"reward {self.name} (a run keeps its last good checkpoint)", "sets",
+                         FloatingPointError)
             return Scores(None, r)
         values = self.score(features, prompts).double()
         check_finite(values, f"reward {self.name} (a run keeps its last good checkpoint)", "examples",
@@ -302,7 +326,8 @@ def frame_features(codec, clap, encoder_name, reward_name):
             return latents.float().transpose(1, 2)           # one embedding per latent frame
         return features
     if encoder_name == "clap":
-        def features(latents, prompts=None, audio=None):       # audio: codec.decode(latents), when the caller has it
+        # audio: codec.decode(latents), when the caller has it
+        def features(latents, prompts=None, audio=None):
             check_finite(latents, f"reward {reward_name}", "examples")
             audio = codec.decode(latents) if audio is None else audio
             check_audible(audio, reward_name)
@@ -340,10 +365,12 @@ def audible(audio, what, peak=1e-3):
 def per_song_fad(frames, ref, name="fad_per_song"):
     """-FAD of each clip's frames [B, n, d] against reference statistics, batched."""
     if frames.shape[1] < 2:
-        raise ValueError(f"reward {name}: per-song FAD needs at least 2 frames per clip, got {frames.shape[1]}")
+        raise ValueError(f"reward {name}: per-song FAD needs at least 2 frames per clip, got "
+                         f"{frames.shape[1]}")
     if frames.shape[2] != ref["mu"].shape[0]:
-        raise ValueError(f"reward {name}: embeddings have dimension {frames.shape[2]} but the reference statistics "
-                         f"have {ref['mu'].shape[0]}; the cache was made with another encoder")
+        raise ValueError(f"reward {name}: embeddings have dimension {frames.shape[2]} but the "
+                         f"reference statistics have {ref['mu'].shape[0]}; the cache was made "
+                         f"with another encoder")
     x = _f64(frames)
     mu = x.mean(1)
     centred = x - mu[:, None]
@@ -370,22 +397,31 @@ def fad_from_stats(stats, members, ref):
 # One table: each reward kind, its paper type, the encoder it uses (None: reward.encoder) and
 # whether it is scored against a reference set. Adding a reward is a builder below and one row.
 def aesthetics_reward(cfg, codec, clap, frames, ref, name, rank):       # instance: r(x)
-    identity = {"clap": clap.identity, "codec": LatentIdentity(cfg).identity, "aesthetics": cfg["aesthetics"],
-                "data": cfg["data"], "seed": cfg["seed"]}
-    head = load_or_fit_aesthetics(cfg, identity, lambda audio: F.normalize(frames(codec.encode(audio)).mean(1), dim=-1),
-                                  rank)
-    return {"score": lambda f, prompts=None: predict_aesthetics(head, F.normalize(f.mean(1), dim=-1)).float()}
+    identity = {"clap": clap.identity, "codec": LatentIdentity(cfg).identity,
+                "aesthetics": cfg["aesthetics"], "data": cfg["data"], "seed": cfg["seed"]}
+
+    def embed(audio):
+        return F.normalize(frames(codec.encode(audio)).mean(1), dim=-1)
+    head = load_or_fit_aesthetics(cfg, identity, embed, rank)
+    def score(f, prompts=None):
+        return predict_aesthetics(head, F.normalize(f.mean(1), dim=-1)).float()
+    return {"score": score}
 
 
-def clap_score_reward(cfg, codec, clap, frames, ref, name, rank):       # instance-to-instance: r(x, c)
-    return {"score": lambda f, prompts: (F.normalize(f.mean(1), dim=-1) * clap.text_embedding(prompts)).sum(-1)}
+# instance-to-instance: r(x, c)
+def clap_score_reward(cfg, codec, clap, frames, ref, name, rank):
+    def score(f, prompts):
+        return (F.normalize(f.mean(1), dim=-1) * clap.text_embedding(prompts)).sum(-1)
+    return {"score": score}
 
 
-def fad_per_song_reward(cfg, codec, clap, frames, ref, name, rank):     # instance-to-distribution: r(x, R)
+# instance-to-distribution: r(x, R)
+def fad_per_song_reward(cfg, codec, clap, frames, ref, name, rank):
     return {"score": lambda f, prompts=None: per_song_fad(f, ref, name)}
 
 
-def fad_dataset_reward(cfg, codec, clap, frames, ref, name, rank):      # distribution: r(S, R), pooled frames
+# distribution: r(S, R), pooled frames
+def fad_dataset_reward(cfg, codec, clap, frames, ref, name, rank):
     def dataset_fad(features):
         if features.shape[2] != ref["mu"].shape[0]:
             raise ValueError(f"reward {name}: embedding dimension {features.shape[2]} != reference "
@@ -395,14 +431,16 @@ def fad_dataset_reward(cfg, codec, clap, frames, ref, name, rank):      # distri
     return {"set_scorer": dataset_fad}
 
 
-def vendi_reward(cfg, codec, clap, frames, ref, name, rank):            # distribution, reference-free: r(S)
+# distribution, reference-free: r(S)
+def vendi_reward(cfg, codec, clap, frames, ref, name, rank):
     def vendi(features):
         emb = F.normalize(features.mean(1), dim=-1)
         return lambda members: vendi_score(emb[members])
     return {"set_scorer": vendi}
 
 
-REWARDS = {   # kind: (paper's type, encoder or None for reward.encoder, uses reward.reference, builder)
+# kind: (paper's type, encoder or None for reward.encoder, uses reward.reference, builder)
+REWARDS = {
     "aesthetics": ("instance", "clap", False, aesthetics_reward),
     "clap_score": ("instance-to-instance", "clap", False, clap_score_reward),
     "fad_per_song": ("instance-to-distribution", None, True, fad_per_song_reward),
@@ -442,31 +480,35 @@ def check_reward_inputs(cfg):
     if encoder not in ("clap", "latent"):
         raise ValueError(f"reward.encoder must be 'latent' or 'clap', got {encoder!r}")
     folder = d["source"] == "folder"
-    if encoder == "clap" and cfg["clap"]["kind"] == "small" and folder and not (d["valid_captions"] or d["test_captions"]):
-        raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: set "
-                         "data.valid_captions or data.test_captions")
+    held_out = d["valid_captions"] or d["test_captions"]
+    if encoder == "clap" and cfg["clap"]["kind"] == "small" and folder and not held_out:
+        raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: "
+                         "set data.valid_captions or data.test_captions")
     if rc["kind"] == "aesthetics" and folder:
         rated = rated_files(d["train_captions"])
         if rated < 20:
-            raise ValueError(f"reward.kind=aesthetics needs 1-5 ratings of at least 20 training files, but "
-                             f"{d['train_captions']} rates {rated}: add a rating as a third tab-separated column "
-                             f"(path<TAB>caption<TAB>rating), or use a reward that needs none: clap_score, "
-                             f"fad_per_song, fad_dataset or vendi")
+            raise ValueError(f"reward.kind=aesthetics needs 1-5 ratings of at least 20 training "
+                             f"files, but {d['train_captions']} rates {rated}: add a rating as a "
+                             f"third tab-separated column (path<TAB>caption<TAB>rating), or use a "
+                             f"reward that needs none: clap_score, fad_per_song, fad_dataset or "
+                             f"vendi")
     if not uses_reference:
         return
     kind, _, name = rc["reference"].partition(":")
     if kind not in ("audio", "text") or not name:
-        raise ValueError(f"reward.reference must be 'audio:NAME' or 'text:NAME', got {rc['reference']!r}")
+        raise ValueError(f"reward.reference must be 'audio:NAME' or 'text:NAME', got "
+                         f"{rc['reference']!r}")
     if kind == "text" and encoder != "clap":
-        raise ValueError(f"reward.reference={rc['reference']}: text exemplars need a cross-modal encoder "
-                         f"(reward.encoder=clap), not '{encoder}'")
+        raise ValueError(f"reward.reference={rc['reference']}: text exemplars need a cross-modal "
+                         f"encoder (reward.encoder=clap), not '{encoder}'")
     if name in EXEMPLAR_RESTRICT and not os.path.isfile(name):
         if folder:
-            raise ValueError(f"reward.reference={rc['reference']!r} names a synthetic exemplar set, but data.source="
-                             f"'folder': give audio:FILE.tsv or text:FILE.txt (for eval.py: the references in "
-                             f"eval.rewards)")
+            raise ValueError(f"reward.reference={rc['reference']!r} names a synthetic exemplar "
+                             f"set, but data.source='folder': give audio:FILE.tsv or text:FILE.txt "
+                             f"(for eval.py: the references in eval.rewards)")
         return
-    if kind == "audio":                   # the exemplar clips exist, are long enough and not all silent
+    # the exemplar clips exist, are long enough and not all silent
+    if kind == "audio":
         items = folder_corpus(name, d["sample_rate"], d["clip_seconds"], True, d["resample"])
         audible(items.audio, f"reward.reference={rc['reference']}")
     else:
@@ -485,8 +527,10 @@ def build_reward(cfg, codec, rank=0):
     ref = None
     if uses_reference:
         encoder = clap if encoder_name == "clap" else LatentIdentity(cfg)
-        ref = reference_stats(cfg, encoder, rc["reference"], lambda audio: frames(codec.encode(audio)), rank)
-    return Reward(name, paper_type, encoder_name, frames, **builder(cfg, codec, clap, frames, ref, name, rank))
+        ref = reference_stats(cfg, encoder, rc["reference"],
+                              lambda audio: frames(codec.encode(audio)), rank)
+    return Reward(name, paper_type, encoder_name, frames,
+                  **builder(cfg, codec, clap, frames, ref, name, rank))
 
 
 def build_reward_from_spec(cfg, spec, codec, rank=0):
@@ -501,4 +545,5 @@ class LatentIdentity:
 
     def __init__(self, cfg):
         self.identity = {"kind": "latent", **{k: cfg["codec"][k] for k in sorted(cfg["codec"])},
-                         "sample_rate": cfg["data"]["sample_rate"], "decode": "clipped at full scale"}
+                         "sample_rate": cfg["data"]["sample_rate"],
+                         "decode": "clipped at full scale"}

@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from data import cycled, prompt_set, write_wav
 from encoders import clip_latent_length, make_codec, make_text_encoder
-from dragon import A_theta, Sets, build_sets, dpo_loss, kto_loss, kto_reference_point, pair_up, per_example_errors
+from dragon import A_theta, build_sets, dpo_loss, kto_loss, kto_reference_point, pair_up
+from dragon import per_example_errors
 from eval import held_out, plot_reward_curve, win_rate
-from launch import autocast, finish_distributed, gather, log, parse_args, rank0_first, rank_shard, seeded_generator
-from launch import setup_distributed, use_bf16, wait_for_rank0
+from launch import autocast, finish_distributed, gather, log, parse_args, rank0_first, rank_shard
+from launch import seeded_generator, setup_distributed, use_bf16, wait_for_rank0
 from model import drop_condition, load_checkpoint, load_model, sample_sigma, save_atomic, save_model
 from pretrain import base_model
 from rewards import build_reward
@@ -42,32 +43,45 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg)
     dc, P = cfg["dragon"], cfg["dragon"]["prompts_per_round"]
     run_dir = os.path.join(cfg["out_dir"], dc["run_name"])
-    base_path = base_model(cfg)                                   # pre-trained first when missing (pretrain.py)
+    # pre-trained first when missing (pretrain.py)
+    base_path = base_model(cfg)
     codec, text_encoder = make_codec(cfg, device), make_text_encoder(cfg, device)
-    reward = rank0_first(world, rank, lambda: build_reward(cfg, codec, rank))  # rank 0 fits, the others load
+    # rank 0 fits, the others load
+    reward = rank0_first(world, rank, lambda: build_reward(cfg, codec, rank))
     check_dragon_config(cfg, reward)
-    f_ref = load_model(base_path, map_location=device)[0].eval().requires_grad_(False)   # frozen, never updated
+    # frozen, never updated
+    f_ref = load_model(base_path, map_location=device)[0].eval().requires_grad_(False)
     f_theta = copy.deepcopy(f_ref).train().requires_grad_(True)
     opt = torch.optim.Adam(f_theta.parameters(), lr=dc["lr"])
     start = resume(run_dir, f_theta, opt, dc["resume"], rank)
     f_theta_ddp = torch.nn.parallel.DistributedDataParallel(f_theta) if world > 1 else f_theta
     T, bf16 = clip_latent_length(codec, cfg["data"]), use_bf16(dc, device)
-    demo_sampler = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])  # paper: inference sampler
-    train_prompts, pairs = prompt_set(cfg["data"], "train"), torch.stack([torch.arange(P), torch.arange(P) + P], 1)
-    eval_prompts = cycled(prompt_set(cfg["data"], "heldout"), dc["n_eval"])    # repeats get new seeds
+    # paper: inference sampler
+    demo_sampler = dict(cfg["sampler"], steps=dc["demo_steps"] or cfg["sampler"]["steps"])
+    train_prompts = prompt_set(cfg["data"], "train")
+    pairs = torch.stack([torch.arange(P), torch.arange(P) + P], 1)   # prompt i and i + P: a pair
+    # repeats get new seeds
+    eval_prompts = cycled(prompt_set(cfg["data"], "heldout"), dc["n_eval"])
     eval_seeds = [10_000 + i for i in range(dc["n_eval"])]
 
-    def evaluate(model):                                          # the held-out check of F10 (eval.held_out)
-        return held_out(model, eval_prompts, eval_seeds, cfg, codec, text_encoder, reward, device, rank, world)
-    base = evaluate(f_ref) if dc["n_eval"] else None              # the baseline: f_ref, same prompts and noise
+    # the held-out check of F10 (eval.held_out)
+    def evaluate(model):
+        return held_out(model, eval_prompts, eval_seeds, cfg, codec, text_encoder, reward, device,
+                        rank, world)
+    # the baseline: f_ref, same prompts and noise
+    base = evaluate(f_ref) if dc["n_eval"] else None
     log(rank, f"DRAGON on {reward.name} ({reward.type}), {dc['loss'].upper()}, sets={dc['sets']}: "
-              + (f"base model held-out reward {base['value']:.4f}; listening {fmt(base['listening'])}" if base else
+              + (f"base model held-out reward {base['value']:.4f}; "
+                 f"listening {fmt(base['listening'])}" if base else
                  "no held-out evaluation (dragon.n_eval=0)"))
-    bar = tqdm(total=dc["rounds"], initial=start, desc=f"DRAGON {reward.name}", disable=rank != 0, dynamic_ncols=True)
-    completed = logged = start                # rounds whose update is applied / whose log line is written
+    bar = tqdm(total=dc["rounds"], initial=start, desc=f"DRAGON {reward.name}", disable=rank != 0,
+               dynamic_ncols=True)
+    # rounds whose update is applied / whose log line is written
+    completed = logged = start
     try:
         for rnd in range(start, dc["rounds"]):
-            g = seeded_generator(cfg["seed"], rnd)                # every random draw of the round, on every rank
+            # every random draw of the round, on every rank
+            g = seeded_generator(cfg["seed"], rnd)
             for group in opt.param_groups:
                 group["lr"] = lr_at(rnd, dc)
             t0 = time.time()
@@ -75,9 +89,11 @@ def train(cfg):
             prompts, seeds = sample_prompts(train_prompts, P, g)
             # F2: f_ref generates the round with probability p_ref, else f_theta
             use_ref = torch.rand(1, generator=g).item() < dc["p_ref"]
-            # F3: demonstrations from the inference sampler (no grad, batched CFG); each rank its shard
-            latents = generate_latents(f_ref if use_ref else f_theta.eval(), prompts, seeds, T, text_encoder,
-                                       demo_sampler, device, bf16=bf16, rank=rank, world=world)
+            # F3: demonstrations from the inference sampler (no grad, batched CFG); each rank its
+            # shard, then gathered
+            generator = f_ref if use_ref else f_theta.eval()
+            latents = generate_latents(generator, prompts, seeds, T, text_encoder, demo_sampler,
+                                       device, bf16=bf16, rank=rank, world=world)
             f_theta.train()
             t1 = time.time()
             # F4: decode / encode as the reward needs (audio -> CLAP windows, or latent frames)
@@ -88,13 +104,15 @@ def train(cfg):
             # F6: build D+ and D-
             sets = build_sets(dc["sets"], pairs, scores.per_example, scores.of, g)
             t2 = time.time()
-            # F7: the loss. sigma, noise and condition dropout for the global batch (a pair's members
-            # share them), this rank's share of D+ / D-; e_theta, e_ref; A_theta (Eq. 7); DPO (Eq. 6) or KTO (Eq. 8)
-            x0, c, m, sigma, noise, is_pos, n_terms = loss_inputs(latents, *text_encoder(prompts), sets, cfg, g,
-                                                                  rank, world)
-            with autocast(device, dc["loss_bf16"]):       # float32 by default: A_theta is a small difference
-                e_theta, e_ref = per_example_errors(f_theta_ddp, f_ref, x0.to(device), c.to(device), m.to(device),
-                                                    sigma.to(device), noise.to(device))
+            # F7: the loss. sigma, noise and condition dropout for the global batch (a pair's
+            # members share them), this rank's share of D+ / D-; e_theta, e_ref; A_theta (Eq. 7);
+            # DPO (Eq. 6) or KTO (Eq. 8)
+            x0, c, m, sigma, noise, is_pos, n_terms = loss_inputs(latents, *text_encoder(prompts),
+                                                                  sets, cfg, g, rank, world)
+            x0, c, m, sigma, noise = (t.to(device) for t in (x0, c, m, sigma, noise))
+            # float32 by default: A_theta is a small difference
+            with autocast(device, dc["loss_bf16"]):
+                e_theta, e_ref = per_example_errors(f_theta_ddp, f_ref, x0, c, m, sigma, noise)
             A = A_theta(e_theta.float(), e_ref.float())
             loss, terms, logits, z = dragon_loss(A, is_pos.to(device), dc, n_terms, world)
             # F8: backward (DDP averages the gradients of the ranks)
@@ -104,29 +122,35 @@ def train(cfg):
             grad_norm = torch.nn.utils.clip_grad_norm_(f_theta.parameters(), dc["grad_clip"]).item()
             opt.step()
             completed = rnd + 1
-            # F10: log the round (the global batch's numbers); every eval_every rounds the held-out check
+            # F10: log the round (the global batch's numbers); every eval_every rounds the
+            # held-out check
             entry = {"round": rnd + 1, "generator": "ref" if use_ref else "theta",
                      "reward": scores.of(torch.arange(2 * P)), "reward_pos": scores.of(sets.pos),
-                     "reward_neg": scores.of(sets.neg), "n_pos": len(sets.pos), "n_neg": len(sets.neg),
-                     "grad_norm": grad_norm, **loss_metrics(A, e_theta, e_ref, is_pos, terms, logits, z, n_terms,
-                                                            dc["loss"], world),
+                     "reward_neg": scores.of(sets.neg), "n_pos": len(sets.pos),
+                     "n_neg": len(sets.neg), "grad_norm": grad_norm,
+                     **loss_metrics(A, e_theta, e_ref, is_pos, terms, logits, z, n_terms,
+                                    dc["loss"], world),
                      "t_generate": t1 - t0, "t_score": t2 - t1, "t_update": time.time() - t2}
             if base and (completed % dc["eval_every"] == 0 or completed == dc["rounds"]):
                 tuned = evaluate(f_theta)
                 entry.update(compare(tuned, base))
                 if rank == 0:
                     write_samples(tuned["audio"][:N_WAV], cfg, run_dir, completed)
-            logged = append_log(run_dir, entry, rank)  # the log line, then the checkpoint: a kill -9 between
-            if completed % dc["ckpt_every"] == 0 or completed == dc["rounds"]:   # them leaves a round the
-                save_state(run_dir, f_theta, opt, completed, cfg, rank)         # resume redoes (resume_log)
+            # the log line, then the checkpoint: a kill -9 between them leaves a round the resume
+            # redoes (resume_log)
+            logged = append_log(run_dir, entry, rank)
+            if completed % dc["ckpt_every"] == 0 or completed == dc["rounds"]:
+                save_state(run_dir, f_theta, opt, completed, cfg, rank)
             bar.update(1)
-            bar.set_postfix(r=f"{entry['reward']:.3f}", acc=f"{entry['implicit_acc']:.2f}",
-                            **({"eval": f"{entry['eval_reward']:.3f}"} if "eval_reward" in entry else {}))
+            shown = {"eval": f"{entry['eval_reward']:.3f}"} if "eval_reward" in entry else {}
+            bar.set_postfix(r=f"{entry['reward']:.3f}", acc=f"{entry['implicit_acc']:.2f}", **shown)
     except KeyboardInterrupt:
-        if completed > logged:                # stopped in the held-out check: log the round without it
+        # stopped in the held-out check: log the round without it
+        if completed > logged:
             append_log(run_dir, dict(entry, eval_interrupted=True), rank)
         save_state(run_dir, f_theta, opt, completed, cfg, rank)
-        log(rank, f"interrupted: saved round {completed} to {run_dir}/dragon_state.pt; run the same command to resume")
+        log(rank, f"interrupted: saved round {completed} to {run_dir}/dragon_state.pt; run the "
+                  f"same command to resume")
         return None
     bar.close()
     return finish(run_dir, f_theta, reward, cfg, rank, world)
@@ -137,7 +161,8 @@ def train(cfg):
 # =============================================================================================
 
 def sample_prompts(train_prompts, P, g):
-    """F1: P training prompts, each twice (prompt i and i + P are a pair), and a noise seed per clip."""
+    """F1: P training prompts, each twice (prompt i and i + P are a pair), and a noise seed per
+    clip."""
     picks = torch.randint(len(train_prompts), (P,), generator=g).tolist()
     seeds = torch.randint(2 ** 31, (2 * P,), generator=g).tolist()
     return [train_prompts[i] for i in picks] * 2, seeds
@@ -156,7 +181,8 @@ def loss_inputs(latents, text, mask, sets, cfg, g, rank, world):
     noise = torch.randn((K, *latents.shape[1:]), generator=g)
     keep = drop_condition(torch.ones(K, 1, dtype=torch.bool), dc["cond_dropout"], g)[:, 0]
     s = rank_shard(K, rank, world)
-    if sets.paired:                                   # x+ then x- of this rank's pairs: same sigma, noise
+    # x+ then x- of this rank's pairs: same sigma, noise
+    if sets.paired:
         idx, k = torch.cat([sets.pos[s], sets.neg[s]]), torch.arange(K)[s].repeat(2)
         is_pos = torch.arange(len(idx)) < len(idx) // 2
     else:
@@ -187,20 +213,25 @@ def loss_metrics(A, e_theta, e_ref, is_pos, terms, logits, z, n_terms, loss_kind
     """What F10 logs about the update, on the global batch (gathered from the ranks): the loss,
     implicit accuracy (f_theta prefers D+ over D- relative to f_ref), the share of saturated terms
     (|sigmoid argument| > 5: weight ~0 or ~1), mean A_theta and errors on D+ and D-, KTO's z."""
-    A, e_theta, e_ref, is_pos, terms, logits = (gather(t.detach(), world) for t in (A, e_theta, e_ref, is_pos, terms,
-                                                                                    logits))
+    gathered = (gather(t.detach(), world) for t in (A, e_theta, e_ref, is_pos, terms, logits))
+    A, e_theta, e_ref, is_pos, terms, logits = gathered
     def mean(x, m):
         return x[m].mean().item() if m.any() else float("nan")
     pos, neg = is_pos, ~is_pos
-    correct = logits > 0 if loss_kind == "kto" else (A[pos] < A[neg]).float() + 0.5 * (A[pos] == A[neg]).float()
+    if loss_kind == "kto":
+        correct = logits > 0
+    else:
+        correct = (A[pos] < A[neg]).float() + 0.5 * (A[pos] == A[neg]).float()
     return {"loss": terms.sum().item() / n_terms, "implicit_acc": correct.float().mean().item(),
-            "saturated": (logits.abs() > 5).float().mean().item(), "A_pos": mean(A, pos), "A_neg": mean(A, neg),
-            "e_theta_pos": mean(e_theta, pos), "e_ref_pos": mean(e_ref, pos), "e_theta_neg": mean(e_theta, neg),
-            "e_ref_neg": mean(e_ref, neg), **({"z": z.item()} if z is not None else {})}
+            "saturated": (logits.abs() > 5).float().mean().item(),
+            "A_pos": mean(A, pos), "A_neg": mean(A, neg),
+            "e_theta_pos": mean(e_theta, pos), "e_ref_pos": mean(e_ref, pos),
+            "e_theta_neg": mean(e_theta, neg), "e_ref_neg": mean(e_ref, neg),
+            **({"z": z.item()} if z is not None else {})}
 
 
 def lr_at(rnd, dc):
-    """The learning rate of round rnd: constant (paper), or falling linearly to 0 at the last round."""
+    """The learning rate of round rnd: constant (paper), or falling linearly to 0 at the end."""
     return dc["lr"] * (1 - rnd / dc["rounds"] if dc["lr_schedule"] == "linear" else 1.0)
 
 
@@ -210,11 +241,11 @@ def check_dragon_config(cfg, reward):
         if dc[key] not in allowed:
             raise ValueError(f"dragon.{key}={dc[key]!r}: allowed values are {list(allowed)}")
     if reward.is_set and dc["sets"] in ("paired", "unpaired"):
-        raise ValueError(f"dragon.sets={dc['sets']!r} needs a per-example reward, but {reward.name} scores sets: "
-                         f"use greedy, loo or set_vs_set")
+        raise ValueError(f"dragon.sets={dc['sets']!r} needs a per-example reward, but "
+                         f"{reward.name} scores sets: use greedy, loo or set_vs_set")
     if not reward.is_set and dc["sets"] in ("greedy", "loo", "set_vs_set"):
-        raise ValueError(f"dragon.sets={dc['sets']!r} is for set rewards; {reward.name} is {reward.type}: "
-                         f"use paired or unpaired")
+        raise ValueError(f"dragon.sets={dc['sets']!r} is for set rewards; {reward.name} is "
+                         f"{reward.type}: use paired or unpaired")
     if not 0 <= dc["p_ref"] <= 1:
         raise ValueError(f"dragon.p_ref must be in [0, 1], got {dc['p_ref']}")
     for key in ("beta", "kto_beta", "lr"):
@@ -229,10 +260,11 @@ def check_dragon_config(cfg, reward):
 def compare(ft, base):
     """Log fields of a held-out check (eval.held_out) against the base model's: both rewards, the
     per-prompt win rate with its 95% interval (instance rewards), what the listener hears."""
-    out = {"eval_reward": ft["value"], "eval_reward_base": base["value"], "eval_listening": ft["listening"],
-           "eval_listening_base": base["listening"]}
+    out = {"eval_reward": ft["value"], "eval_reward_base": base["value"],
+           "eval_listening": ft["listening"], "eval_listening_base": base["listening"]}
     if ft["scores"].per_example is not None:
-        rate, lo, hi = win_rate(ft["scores"].per_example.numpy(), base["scores"].per_example.numpy())
+        rate, lo, hi = win_rate(ft["scores"].per_example.numpy(),
+                                base["scores"].per_example.numpy())
         out.update(eval_win_rate=rate, eval_win_ci=[lo, hi])
     return out
 
@@ -248,7 +280,8 @@ def append_log(run_dir, entry, rank):
 def resume(run_dir, model, opt, enabled, rank):
     """The round to start from: that of run_dir/dragon_state.pt (its weights and Adam state loaded,
     log.jsonl cut back to its rounds) when resuming, else 0 (and a fresh log)."""
-    state_path, log_path = os.path.join(run_dir, "dragon_state.pt"), os.path.join(run_dir, "log.jsonl")
+    state_path = os.path.join(run_dir, "dragon_state.pt")
+    log_path = os.path.join(run_dir, "log.jsonl")
     os.makedirs(run_dir, exist_ok=True)
     if enabled and os.path.isfile(state_path):
         state = load_checkpoint(state_path)       # on the CPU: Adam's step counters must stay there
@@ -265,19 +298,21 @@ def resume(run_dir, model, opt, enabled, rank):
 
 def resume_log(path, rnd):
     """Keep the log lines of rounds 1..rnd, the ones the checkpoint holds (rewritten atomically):
-    rounds after it are redone by the resumed run and logged again; a line cut by a kill -9 goes too."""
+    rounds after it are redone by the resumed run and logged again; a line cut by a kill -9 goes
+    too."""
     if not os.path.isfile(path):
         return
     entries = []
     for line in open(path):
         try:
             entries.append(json.loads(line))
-        except json.JSONDecodeError:         # only the last line can be cut, and it is after the checkpoint
+        # only the last line can be cut, and it is after the checkpoint
+        except json.JSONDecodeError:
             continue
     kept = [e for e in entries if e["round"] <= rnd]
     if [e["round"] for e in kept] != list(range(1, rnd + 1)):
-        raise RuntimeError(f"{path} does not hold rounds 1..{rnd} of the checkpoint once each; delete the run "
-                           f"folder to start over")
+        raise RuntimeError(f"{path} does not hold rounds 1..{rnd} of the checkpoint once each; "
+                           f"delete the run folder to start over")
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in kept)
     os.replace(path + ".tmp", path)
@@ -298,9 +333,10 @@ def finish(run_dir, model, reward, cfg, rank, world):
         plot_reward_curve(log_path, os.path.join(run_dir, "reward_curve.png"), reward.name)
         last = [json.loads(line) for line in open(log_path)][-1]
         if "eval_reward" in last:
-            log(rank, f"done: held-out {reward.name} {last['eval_reward_base']:.4f} (base) -> {last['eval_reward']:.4f}"
-                      + (f", win rate {last['eval_win_rate']:.1%}" if "eval_win_rate" in last else "")
-                      + f"; listening {fmt(last['eval_listening'])} (base: {fmt(last['eval_listening_base'])})")
+            rate = f", win rate {last['eval_win_rate']:.1%}" if "eval_win_rate" in last else ""
+            log(rank, f"done: held-out {reward.name} {last['eval_reward_base']:.4f} (base) -> "
+                      f"{last['eval_reward']:.4f}{rate}; listening {fmt(last['eval_listening'])} "
+                      f"(base: {fmt(last['eval_listening_base'])})")
         log(rank, f"done: checkpoint {path}")
     wait_for_rank0(world)
     return path
@@ -312,7 +348,8 @@ def fmt(listening):
 
 def write_samples(audio, cfg, run_dir, rnd):
     for i, a in enumerate(audio):
-        write_wav(os.path.join(run_dir, "samples", f"round{rnd:04d}_{i:02d}.wav"), a, cfg["data"]["sample_rate"])
+        path = os.path.join(run_dir, "samples", f"round{rnd:04d}_{i:02d}.wav")
+        write_wav(path, a, cfg["data"]["sample_rate"])
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def test_reward_specs_take_paths_and_names_follow_the_table():
 
 
 def test_adding_a_reward_is_one_row_in_the_table(world, monkeypatch):
-    """README's worked example: cosine of a clip's mean embedding to the exemplar set's mean."""
+    """rewards.py's worked example: cosine of a clip's mean embedding to the exemplar set's mean."""
     import rewards
 
     def cosine_to_exemplars(cfg, codec, clap, frames, ref, name, rank):

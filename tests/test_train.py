@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import kill_9_when, run_script, text_batch, tiny_dit
 from dragon import A_theta, Sets, per_example_errors
 from model import load_checkpoint
-from launch import autocast, finish_distributed, load_config
+from launch import autocast, load_config
 from pretrain import pretrain
 from train import dragon_loss, loss_inputs, loss_metrics, resume_log, train
 
