@@ -37,6 +37,8 @@ EDITS = {
     "+0.25 s silent gap (a dropout)": lambda a, sr: silent_gap(a, int(0.25 * sr)),
     "x3 gain, clipped at full scale": lambda a, sr: (3 * a).clamp(-1.0, 1.0),
 }
+# attribute -> its values, in rewards_on_edited_clips' table of what a reward prefers
+BY_ATTRIBUTE = {"register": ("low", "mid", "high"), "dynamics": ("soft", "loud")}
 # name -> overrides of config's sampler
 SAMPLER_VARIANTS = {
     "config.yaml's sampler": {},
@@ -113,7 +115,8 @@ def silent_gap(audio, n):
 
 def edited_clip_scores(cfg, codec, specs):
     """Each reward of `specs` on the n defect-free test and validation clips, as they are and after each
-    of EDITS (through the codec, as a generation would be scored): (n, {reward name: {version: Scores}})."""
+    of EDITS (through the codec, as a generation would be scored): (the clips' attributes,
+    {reward name: {version: Scores}})."""
     corpora = [load_corpus(cfg["data"], split) for split in ("test", "valid")]
     clean = [(corpus, i) for corpus in corpora for i, d in enumerate(corpus.defects) if not d]
     if len(clean) < 2:
@@ -130,13 +133,14 @@ def edited_clip_scores(cfg, codec, specs):
             if (name, reward.encoder) not in features:
                 features[name, reward.encoder] = reward.features(z, prompts, heard[name])
         out[reward.name] = {name: reward.scores(features[name, reward.encoder], prompts) for name in latents}
-    return len(clean), out
+    return [corpus.attributes[i] for corpus, i in clean], out
 
 
 def rewards_on_edited_clips(cfg, codec):
     """Print edited_clip_scores for eval.rewards: the clips' reward and, for instance types, the share
     of clips the edit made score higher (a reward that scores an edit higher rewards that defect)."""
-    n, scores = edited_clip_scores(cfg, codec, cfg["eval"]["rewards"])
+    attributes, scores = edited_clip_scores(cfg, codec, cfg["eval"]["rewards"])
+    n = len(attributes)
     print(f"\n| reward on {n} defect-free corpus clips | " + " | ".join(["clean", *EDITS]) + " |")
     print("| --- " * (len(EDITS) + 2) + "|")
     for name, by_version in scores.items():
@@ -146,6 +150,22 @@ def rewards_on_edited_clips(cfg, codec):
             if version != "clean" and s.per_example is not None:
                 cell += f" (higher in {(s.per_example > clean.per_example).float().mean():.0%})"
             cells.append(cell)
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+    # what an instance reward prefers among clean clips: its mean per register and dynamics
+    print(f"\n| reward: mean on the clean clips by attribute | " + " | ".join(
+        f"{a}: {v}" for a in BY_ATTRIBUTE for v in BY_ATTRIBUTE[a]) + " |")
+    print("| --- " * (1 + sum(len(v) for v in BY_ATTRIBUTE.values())) + "|")
+    for name, by_version in scores.items():
+        s = by_version["clean"].per_example
+        if s is None:
+            continue
+        cells = []
+        for a, values in BY_ATTRIBUTE.items():
+            for v in values:
+                members = torch.tensor([x[a] == v for x in attributes])
+                cells.append(f"{s[members].mean():.3f} ({int(members.sum())})" if members.any() else "")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

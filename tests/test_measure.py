@@ -21,6 +21,9 @@ def test_micro_measure_prints_costs_sampler_variants_and_listener_accuracy(tmp_p
     edited = next(r for r in rows if r.startswith("| fad_per_song[latent,audio:sd] |") and "higher in" in r)
     assert len(edited.strip("|").split("|")) == 1 + 1 + len(EDITS)   # the reward, clean, one cell per edit
     assert "| as rendered |" in out and "| codec round trip |" in out
+    by_attribute = next(r for r in rows if r.startswith("| fad_per_song[latent,audio:sd] |")
+                        and "(" in r and "higher in" not in r)
+    assert len(by_attribute.strip("|").split("|")) == 1 + 5           # low / mid / high, soft / loud
 
 
 def test_edits_make_the_defect_they_name():
@@ -50,8 +53,8 @@ def test_latent_per_song_fad_prefers_the_clean_clip_to_a_dropout_or_clipping(tmp
     micro = ["device=cpu", "data.n_train=100", "data.n_valid=40", "data.n_test=40",
              "reward.n_reference=60", "codec.griffin_lim_iters=4", f"out_dir={tmp_path}"]
     cfg = load_config(os.path.join(ROOT, "config.yaml"), micro)
-    n, scores = edited_clip_scores(cfg, make_codec(cfg), PER_SONG_FAD)
-    assert n >= 30 and len(scores) == len(PER_SONG_FAD)
+    clips, scores = edited_clip_scores(cfg, make_codec(cfg), PER_SONG_FAD)
+    assert len(clips) >= 30 and len(scores) == len(PER_SONG_FAD)
     for name, s in scores.items():
         for edit in EDITS:
             higher = (s[edit].per_example > s["clean"].per_example).float().mean().item()
