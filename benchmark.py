@@ -49,8 +49,8 @@ PAPER_AVERAGE_WIN_RATE = 0.8145
 GREEDY = {"dragon.sets": "greedy"}           # set rewards: D+ / D- by pair swaps
 TARGETS = {   # run name: (the target reward's spec, as in eval.rewards; further train.py overrides)
     "aesthetics": ("aesthetics", {}),
-    "clap_score": ("clap_score", {"dragon.demo_steps": 40}),                # 10-step demos: 68.0% [59.4, 75.8]
-    # the paper's VAE-PSFAD-ALIM at the paper's beta: listening test 56.4% at 5000 vs 44.3% at 500
+    "clap_score": ("clap_score", {"dragon.demo_steps": 40}),                # 40-step demos (RESULTS.md)
+    # the paper's VAE-PSFAD-ALIM, at the paper's beta (RESULTS.md: per-song FAD and silent gaps)
     "fad_song_latent_alim": ("fad_per_song/latent/audio:alim", {"dragon.beta": 5000.0}),
     "fad_song_latent_sd": ("fad_per_song/latent/audio:sd", {}),
     "fad_song_clap_alim": ("fad_per_song/clap/audio:alim", {}),
@@ -63,7 +63,7 @@ TARGETS = {   # run name: (the target reward's spec, as in eval.rewards; further
     "fad_dataset_clap_sd": ("fad_dataset/clap/audio:sd", GREEDY),
     "fad_dataset_text_alim": ("fad_dataset/clap/text:alim", GREEDY),
     "fad_dataset_text_sd": ("fad_dataset/clap/text:sd", GREEDY),
-    # 10-step demos: 13% (RESULTS.md)
+    # 40-step demos (RESULTS.md)
     "vendi_clap": ("vendi/clap", {**GREEDY, "dragon.demo_steps": 40}),
     "vendi_latent": ("vendi/latent", GREEDY),
 }

@@ -241,8 +241,8 @@ class TextEncoder:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"text encoder: empty prompt {p!r}")
-        new = sorted({p for p in prompts if p not in self.cache}, key=lambda p: (len(p), p))   # batches of like
-        # length pad little (MiniLM on 1500 captions: 16% faster than alphabetical order; states equal to 7e-6)
+        # sorted by length: batches of like length pad little
+        new = sorted({p for p in prompts if p not in self.cache}, key=lambda p: (len(p), p))
         self.warn_if_cut(new)
         for i in range(0, len(new), batch_size):
             self.encode_new(new[i:i + batch_size])
