@@ -268,8 +268,9 @@ def plot_win_rates(rows, path):
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
     labels = [f"{r['reward']} ({r['prompts']})" for r in rows]
     rates = np.array([r["win_rate"] for r in rows]) * 100
-    err = np.array([[r["win_rate"] - r["ci_low"],
-                     r["ci_high"] - r["win_rate"]] for r in rows]).T * 100
+    # a set reward's rate (all prompts) may fall outside its interval (resampled halves): no bar
+    err = np.array([[max(0.0, r["win_rate"] - r["ci_low"]), max(0.0, r["ci_high"] - r["win_rate"])]
+                    for r in rows]).T * 100
     ax.barh(labels, rates, xerr=err, color="tab:blue", alpha=0.8)
     ax.axvline(50, color="gray", ls="--")
     ax.set_xlabel("win rate against the base model (%)")

@@ -130,3 +130,14 @@ def test_a_model_against_itself_ties_on_every_reward(tmp_path):
     _, votes = listening_rows(cfg, audio, codec.sample_rate)    # the listener cannot tell a model from itself
     assert [(v["wins"], v["decisive"], v["ties"]) for v in votes] == [(0, 0, 6), (0, 0, 6)]
     assert all(c["a_only"] == c["b_only"] == 0 for v in votes for c in v["changes"].values())
+
+
+def test_win_rate_plot_takes_a_rate_outside_its_interval(tmp_path):
+    # a set reward's win rate on all prompts can lie outside the interval of its resampled halves
+    # (the benchmark's vendi[latent] row: 1.0% [0.0%, ...] and 0.0% with an interval above it)
+    from eval import plot_win_rates
+    rows = [{"reward": "vendi[latent]", "prompts": "heldout", "win_rate": 0.0, "ci_low": 0.02,
+             "ci_high": 0.3}, {"reward": "aesthetics", "prompts": "heldout", "win_rate": 0.9,
+                               "ci_low": 0.85, "ci_high": 0.95}]
+    plot_win_rates(rows, tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 0
