@@ -105,6 +105,7 @@ def clap_step(model, opt, mel, quietest, states, cc, g, rng, bar):
     of a clip with a frame in `quietest` (>= 0) holds that frame."""
     B, w = cc["batch_size"], cc["window_frames"]
     idx = torch.randperm(len(mel), generator=g)[:B]
+    B = len(idx)                                  # a corpus smaller than the batch: all of it
     start = torch.randint(0, mel.shape[-1] - w + 1, (B,), generator=g)
     q = quietest[idx]
     around = (q - torch.randint(0, w, (B,), generator=g)).clamp(0, mel.shape[-1] - w)

@@ -122,3 +122,14 @@ def test_offline_clap_and_aesthetics_fit_on_a_folder_corpus(tmp_path):
         build_reward(fad, codec)
     fad["reward"]["reference"] = f"audio:{test}"                       # the user's exemplar files work
     assert build_reward(fad, codec).type == "instance-to-distribution"
+
+
+def test_offline_clap_fits_a_corpus_smaller_than_its_batch(world):
+    # clap.batch_size above the number of training clips: every step takes the whole corpus
+    cfg, codec, _, _, _, _ = world
+    cfg = copy.deepcopy(cfg)
+    cfg["clap"].update(steps=2, batch_size=100_000)
+    text_encoder = clap_text_encoder(cfg["text_encoder"]["name"], CAPTION_TOKENS)
+    mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)))
+    model = fit_small_clap(cfg, mel, text_encoder)[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
