@@ -154,7 +154,7 @@ def rewards_on_edited_clips(cfg, codec):
 
 
     # what an instance reward prefers among clean clips: its mean per register and dynamics
-    print(f"\n| reward: mean on the clean clips by attribute | " + " | ".join(
+    print("\n| reward: mean on the clean clips by attribute | " + " | ".join(
         f"{a}: {v}" for a in BY_ATTRIBUTE for v in BY_ATTRIBUTE[a]) + " |")
     print("| --- " * (1 + sum(len(v) for v in BY_ATTRIBUTE.values())) + "|")
     for name, by_version in scores.items():
