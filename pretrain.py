@@ -245,8 +245,6 @@ def check_base(cfg, model, codec, text_encoder, device):
         path = os.path.join(cfg["out_dir"], "samples", f"pretrain_{i:02d}.wav")
         write_wav(path, audio[i], sr)
         tqdm.write(f"  {path}: {prompts[i]}")
-    if not pc["n_check"]:
-        return None
     synthetic = cfg["data"]["source"] == "synthetic"
     split = "test" if synthetic or cfg["data"]["test_captions"] else "train"
     real = load_corpus(cfg["data"], split).audio
