@@ -42,6 +42,8 @@ GM_FAMILIES = ["piano", "chromatic percussion", "organ", "guitar", "bass", "stri
 
 
 GREEDY = {"dragon.sets": "greedy"}
+# rewards score loudness-normalised clips: on real music DRAGON otherwise wins partly by level
+REAL_REWARD = ["reward.level_rms=0.1"]
 REAL_RUNS = {   # run name: (target reward spec, {out}: the corpus folder; train.py overrides)
     "clap_score": ("clap_score", {"dragon.demo_steps": 40}),
     "fad_song_latent": ("fad_per_song/latent/audio:{out}/test.tsv", {}),
@@ -62,7 +64,7 @@ def real_benchmark(out, overrides):
     from benchmark import benchmark
     from launch import load_config
     cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml"), [
-        *folder_overrides(out), "out_dir=runs/real", f"reward.reference=audio:{out}/test.tsv",
+        *folder_overrides(out), *REAL_REWARD, "out_dir=runs/real", f"reward.reference=audio:{out}/test.tsv",
         "eval.rewards=[clap_score, vendi/clap]", "benchmark.listen_runs=[]", *overrides])
     return benchmark(cfg, {name: (spec.format(out=os.path.abspath(out)), o) for name, (spec, o) in REAL_RUNS.items()
                            if not cfg["benchmark"]["runs"] or name in cfg["benchmark"]["runs"]})
@@ -161,7 +163,8 @@ def main(argv):
                                          "a bluesy piece with bass and guitar", "slow strings, no drums"])
     print(f"wrote {len(rows)} files ({len(train)} train, {len(test)} test) and captions to {args.out_dir}")
     print("use it with: python pretrain.py config.yaml " + " ".join(folder_overrides(args.out_dir))
-          + " out_dir=runs/real  (the same overrides for train.py and eval.py)")
+          + " out_dir=runs/real  (the same overrides for train.py and eval.py, with "
+          + " ".join(REAL_REWARD) + ")")
 
 
 if __name__ == "__main__":

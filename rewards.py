@@ -240,6 +240,8 @@ def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
     and modification time of every file it lists); reused only when that matches."""
     meta = {"reference": reference, "encoder": encoder.identity, "n_reference": cfg["reward"]["n_reference"],
             "data_seed": cfg["data"]["seed"], "source": cfg["data"]["source"]}
+    if cfg["reward"]["level_rms"]:
+        meta["level_rms"] = cfg["reward"]["level_rms"]
     name = reference.partition(":")[2]
     # a file reference: keyed by its content and its files
     if os.path.isfile(name):
@@ -318,11 +320,16 @@ class Reward:
         return self.scores(features, prompts).of(torch.arange(len(features)))
 
 
-def frame_features(codec, clap, encoder_name, reward_name):
-    """The per-clip frame embeddings [B, frames, d] of the chosen encoder, from latents."""
+def frame_features(codec, clap, encoder_name, reward_name, level_rms=0.0):
+    """The per-clip frame embeddings [B, frames, d] of the chosen encoder, from latents. With
+    level_rms > 0 (reward.level_rms) each clip is first scaled to that RMS, so the reward cannot
+    prefer a louder clip."""
     if encoder_name == "latent":
         def features(latents, prompts=None, audio=None):
             check_finite(latents, f"reward {reward_name}", "examples")
+            if level_rms > 0:
+                audio = codec.decode(latents) if audio is None else audio
+                latents = codec.encode(level_normalised(audio, level_rms))
             return latents.float().transpose(1, 2)           # one embedding per latent frame
         return features
     if encoder_name == "clap":
@@ -331,9 +338,18 @@ def frame_features(codec, clap, encoder_name, reward_name):
             check_finite(latents, f"reward {reward_name}", "examples")
             audio = codec.decode(latents) if audio is None else audio
             check_audible(audio, reward_name)
+            audio = level_normalised(audio, level_rms)
             return clap.window_embeddings(resample_for(audio, codec.sample_rate, clap.sample_rate))
         return features
     raise ValueError(f"reward.encoder must be 'latent' or 'clap', got {encoder_name!r}")
+
+
+def level_normalised(audio, rms):
+    """Clips [B, samples] each scaled to RMS `rms`, as loudness-normalised audio metrics compare
+    clips; rms = 0 leaves them as they are."""
+    if rms <= 0:
+        return audio
+    return audio * (rms / audio.pow(2).mean(1, keepdim=True).sqrt().clamp_min(SILENT))
 
 
 def resample_for(audio, sr_from, sr_to):
@@ -399,6 +415,8 @@ def fad_from_stats(stats, members, ref):
 def aesthetics_reward(cfg, codec, clap, frames, ref, name, rank):       # instance: r(x)
     identity = {"clap": clap.identity, "codec": LatentIdentity(cfg).identity,
                 "aesthetics": cfg["aesthetics"], "data": cfg["data"], "seed": cfg["seed"]}
+    if cfg["reward"]["level_rms"]:
+        identity["level_rms"] = cfg["reward"]["level_rms"]
 
     def embed(audio):
         return F.normalize(frames(codec.encode(audio)).mean(1), dim=-1)
@@ -479,6 +497,9 @@ def check_reward_inputs(cfg):
     encoder = fixed_encoder or rc["encoder"]
     if encoder not in ("clap", "latent"):
         raise ValueError(f"reward.encoder must be 'latent' or 'clap', got {encoder!r}")
+    if rc["level_rms"] < 0:
+        raise ValueError(f"reward.level_rms must be >= 0 (0 = clips as generated), got "
+                         f"{rc['level_rms']}")
     folder = d["source"] == "folder"
     held_out = d["valid_captions"] or d["test_captions"]
     if encoder == "clap" and cfg["clap"]["kind"] == "small" and folder and not held_out:
@@ -523,7 +544,7 @@ def build_reward(cfg, codec, rank=0):
     paper_type, fixed_encoder, uses_reference, builder = REWARDS[rc["kind"]]
     encoder_name = fixed_encoder or rc["encoder"]
     clap = load_or_fit_clap(cfg, rank, codec.device) if encoder_name == "clap" else None
-    frames = frame_features(codec, clap, encoder_name, name)
+    frames = frame_features(codec, clap, encoder_name, name, rc["level_rms"])
     ref = None
     if uses_reference:
         encoder = clap if encoder_name == "clap" else LatentIdentity(cfg)

@@ -9,8 +9,9 @@ import torch
 from data import write_wav
 from encoders import make_codec
 from launch import load_config
-from rewards import (REWARDS, LatentIdentity, build_reward, fad_from_stats, frechet_distance, gaussian_stats,
-                     parse_reward, per_song_fad, reference_stats, reward_name, set_stats, vendi_score)
+from rewards import (REWARDS, LatentIdentity, build_reward, fad_from_stats, frechet_distance,
+                     gaussian_stats, level_normalised, parse_reward, per_song_fad, reference_stats,
+                     reward_name, set_stats, vendi_score)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,6 +127,28 @@ def test_aesthetics_predictor_fits_ratings(world):
     assert head["report"]["n_val"] == round(0.15 * 300)
     s = reward.score(f)
     assert reward.type == "instance" and s.shape == (8,) and torch.isfinite(s).all()
+
+
+def test_level_rms_scales_every_clip_to_the_target_rms():
+    audio = torch.randn(3, 4000) * torch.tensor([[0.01], [0.2], [1.5]])
+    out = level_normalised(audio, 0.1)
+    assert torch.allclose(out.pow(2).mean(1).sqrt(), torch.full((3,), 0.1), rtol=1e-5)
+    assert torch.equal(level_normalised(audio, 0.0), audio)
+
+
+@pytest.mark.parametrize("spec", [dict(kind="clap_score"),
+                                  dict(kind="fad_per_song", encoder="latent", reference="audio:alim")])
+def test_level_rms_makes_a_reward_blind_to_loudness(world, spec):
+    """The same clips at half the level: scored as they are, the reward changes; with
+    reward.level_rms > 0 it does not (reward.level_rms exists so that DRAGON cannot win by level)."""
+    _, codec, _, _, latents, prompts = world
+    audio = codec.decode(latents)
+    quiet = audio * 0.5
+    for level_rms, same in ((0.0, False), (0.1, True)):
+        reward, _, _ = reward_for(world, level_rms=level_rms, **spec)
+        loud_s = reward.score(reward.features(latents, prompts, audio), prompts)
+        quiet_s = reward.score(reward.features(codec.encode(quiet), prompts, quiet), prompts)
+        assert torch.allclose(loud_s, quiet_s, atol=1e-4) == same, (level_rms, loud_s, quiet_s)
 
 
 @pytest.mark.parametrize("encoder,reference", [("latent", "audio:alim"), ("clap", "audio:sd"), ("clap", "text:alim")])
