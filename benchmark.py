@@ -34,10 +34,10 @@ import torch
 
 from data import prompt_set
 from encoders import clip_latent_length, make_codec, make_text_encoder
-from listen import listen, paired_changes, preference, validate_on_corpus, validation_table
+from listen import listen, preference, validate_on_corpus, validation_table
 from dragon import build_sets
 from eval import changes_table, evaluate_models, evaluation_prompts, human_study_stats, plot_radar
-from eval import listening_rows, listening_table, plot_win_rates, win_rate
+from eval import listening_rows, listening_table, listening_vote, plot_win_rates, win_rate
 from model import load_model
 from launch import parse_args, seeded_generator, set_key, setup_distributed, use_bf16
 from pretrain import base_model
@@ -280,12 +280,7 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
     for name in models:
         m = sum(len(r["rms"]) for r in reports[name])
         tuned, reference = joined(reports[name], m), joined(reports["base"], m)
-        pref = preference(tuned, reference)
-        wins, pairs = int((pref > 0).sum()), int((pref != 0).sum())
-        votes.append({"model": name, "prompts": "heldout", "heard": m, "wins": wins,
-                      "decisive": pairs,
-                      "ties": m - pairs, **(human_study_stats(wins, pairs) if pairs else {}),
-                      "changes": paired_changes(tuned, reference)})
+        votes.append(listening_vote(name, "heldout", tuned, reference, heard=m))
     return votes
 
 

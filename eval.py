@@ -218,14 +218,21 @@ def listening_rows(cfg, audio, sample_rate):
         for name, report in reports.items():
             rows.append({"model": name, "prompts": set_name, **listening_summary(report)})
             if name != "base":
-                pref = preference(report, reports["base"])
-                wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
-                votes.append({"model": name, "prompts": set_name, "wins": wins,
-                              "decisive": decisive,
-                              "ties": len(pref) - decisive,
-                              **(human_study_stats(wins, decisive) if decisive else {}),
-                              "changes": paired_changes(report, reports["base"])})
+                votes.append(listening_vote(name, set_name, report, reports["base"]))
     return rows, votes
+
+
+def listening_vote(name, prompts_name, tuned_report, base_report, **extra):
+    """One model's listening test against the base model on the same prompts and noise, from the
+    listen() reports of both clip sets: its wins, decisive pairs and ties (listen.preference, ties
+    dropped), human_study_stats on the decisive pairs, and the clip-by-clip changes
+    (listen.paired_changes). `extra` entries (e.g. heard=) follow "prompts"."""
+    pref = preference(tuned_report, base_report)
+    wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
+    return {"model": name, "prompts": prompts_name, **extra, "wins": wins, "decisive": decisive,
+            "ties": len(pref) - decisive,
+            **(human_study_stats(wins, decisive) if decisive else {}),
+            "changes": paired_changes(tuned_report, base_report)}
 
 
 def votes_table(votes):

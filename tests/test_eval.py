@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 import torch
 
-from eval import human_study_stats, remembered, set_win_rate, win_rate
+from eval import human_study_stats, listening_vote, remembered, set_win_rate, win_rate
 
 
 @pytest.mark.parametrize("wins,rate,lower,p",
@@ -156,3 +156,23 @@ def test_win_rate_plot_takes_a_rate_outside_its_interval(tmp_path):
                                "ci_low": 0.85, "ci_high": 0.95}]
     plot_win_rates(rows, tmp_path / "w.png")
     assert (tmp_path / "w.png").stat().st_size > 0
+
+
+def test_listening_vote_counts_by_hand_with_the_keys_both_listening_tests_write():
+    """eval.py's and benchmark.py's listening tests both build their votes with listening_vote:
+    the same keys in the same order (benchmark's heard= right after prompts)."""
+    def report(clipping):
+        n, nan = len(clipping), torch.full((len(clipping),), float("nan"))
+        return {"clipping": torch.tensor(clipping, dtype=torch.float), "hiss": torch.zeros(n),
+                "dropout": torch.zeros(n), "register_match": nan, "dynamics_match": nan}
+    tuned, base = report([0, 0, 1, 0]), report([1, 0, 0, 1])
+    vote = listening_vote("tuned", "heldout", tuned, base)
+    assert list(vote) == ["model", "prompts", "wins", "decisive", "ties", "win_rate", "lower_bound",
+                          "p_value", "posterior", "changes"]
+    assert (vote["model"], vote["prompts"], vote["wins"], vote["decisive"], vote["ties"]) == (
+        "tuned", "heldout", 2, 3, 1)
+    assert vote["changes"]["clipping"] == {"a_only": 1, "b_only": 2, "p_value": 1.0}
+    assert list(listening_vote("tuned", "heldout", tuned, base, heard=4))[:4] == [
+        "model", "prompts", "heard", "wins"]
+    same = listening_vote("base", "user", base, base)   # no decisive pair: no statistics
+    assert (same["decisive"], same["ties"]) == (0, 4) and "win_rate" not in same
