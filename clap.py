@@ -132,17 +132,24 @@ def clap_step(model, opt, mel, quietest, states, cc, g, rng, bar):
 
 
 @torch.no_grad()
+def clap_check_split(data_cfg):
+    """The split the offline CLAP's fit is checked on: synthetic data's validation split; on a
+    folder corpus data.valid_captions, else data.test_captions, an error when neither is set (also
+    raised by rewards.check_reward_inputs before any model is fitted)."""
+    if data_cfg["source"] != "folder":
+        return "valid"
+    split = "valid" if data_cfg["valid_captions"] else "test"
+    if not data_cfg[f"{split}_captions"]:
+        raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: "
+                         "set data.valid_captions or data.test_captions")
+    return split
+
+
 def clap_retrieval(model, mel_codec, text_encoder, cfg, n=100):
     """Held-out retrieval: each of n validation clips' embedding ranks their distinct captions (the
     windows of one real file share one); a hit is its own caption among the top k. Real data is
     checked on data.valid_captions, else data.test_captions."""
-    split = "valid"
-    if cfg["data"]["source"] == "folder":
-        split = "valid" if cfg["data"]["valid_captions"] else "test"
-        if not cfg["data"][f"{split}_captions"]:
-            raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out "
-                             "files: set data.valid_captions or data.test_captions")
-    corpus = load_corpus(cfg["data"], split, n=n)
+    corpus = load_corpus(cfg["data"], clap_check_split(cfg["data"]), n=n)
     # spread over files
     idx = torch.linspace(0, len(corpus) - 1, min(n, len(corpus))).round().long().unique()
     captions = [corpus.captions[i] for i in idx.tolist()]

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clap import load_or_fit_clap, reward_dir
+from clap import clap_check_split, load_or_fit_clap, reward_dir
 from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, list_fingerprint, load_corpus
 from data import rated_files, read_prompts, resample
 from model import load_or_fit
@@ -483,10 +483,8 @@ def check_reward_inputs(cfg):
     if encoder not in ("clap", "latent"):
         raise ValueError(f"reward.encoder must be 'latent' or 'clap', got {encoder!r}")
     folder = d["source"] == "folder"
-    held_out = d["valid_captions"] or d["test_captions"]
-    if encoder == "clap" and cfg["clap"]["kind"] == "small" and folder and not held_out:
-        raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: "
-                         "set data.valid_captions or data.test_captions")
+    if encoder == "clap" and cfg["clap"]["kind"] == "small":
+        clap_check_split(d)                     # held-out files for the offline CLAP's check
     if rc["kind"] == "aesthetics" and folder:
         rated = rated_files(d["train_captions"])
         if rated < 20:
