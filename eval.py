@@ -25,7 +25,7 @@ from data import cycled, prompt_set, write_wav
 from encoders import clip_latent_length, make_codec, make_text_encoder
 from listen import listen, listening_summary, paired_changes, preference
 from model import load_model
-from launch import gather, parse_args, rank_shard, setup_distributed, use_bf16
+from launch import EVAL_SEED, gather, parse_args, rank_shard, setup_distributed, use_bf16
 from sampler import generate_latents
 from rewards import build_reward_from_spec
 
@@ -156,7 +156,7 @@ def evaluation_prompts(cfg, set_name, n=None):
     """n (default eval.n_prompts) prompts of a prompt set, cycled when the set is smaller, and their
     noise seeds: the same for every model, and each repeat of a prompt with its own noise."""
     n = cfg["eval"]["n_prompts"] if n is None else n
-    return cycled(prompt_set(cfg["data"], set_name), n), [20_000 + i for i in range(n)]
+    return cycled(prompt_set(cfg["data"], set_name), n), [EVAL_SEED + i for i in range(n)]
 
 
 def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):

@@ -190,6 +190,11 @@ def log(rank, *args):
         tqdm.write(" ".join(str(a) for a in args))
 
 
+# Noise seeds of held-out generations: prompt i gets the seed + i, the same for every model
+TRAIN_EVAL_SEED = 10_000   # train.py's held-out checks (dragon.n_eval)
+EVAL_SEED = 20_000         # eval.py's prompt sets (eval.evaluation_prompts), apart from train.py's
+
+
 def seeded_generator(seed, step, rank=0):
     """A fresh torch.Generator per (seed, step, rank): every random draw of a training step comes
     from it, so there is no RNG state to save and a resumed run draws what the uninterrupted run

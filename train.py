@@ -27,7 +27,7 @@ from dragon import A_theta, build_sets, dpo_loss, kto_loss, kto_reference_point,
 from dragon import per_example_errors
 from eval import held_out, plot_reward_curve, win_rate
 from launch import autocast, finish_distributed, gather, log, parse_args, rank0_first, rank_shard
-from launch import seeded_generator, setup_distributed, use_bf16, wait_for_rank0
+from launch import TRAIN_EVAL_SEED, seeded_generator, setup_distributed, use_bf16, wait_for_rank0
 from model import drop_condition, load_checkpoint, load_model, sample_sigma, save_atomic, save_model
 from pretrain import base_model
 from rewards import build_reward
@@ -62,7 +62,7 @@ def train(cfg):
     pairs = torch.stack([torch.arange(P), torch.arange(P) + P], 1)   # prompt i and i + P: a pair
     # repeats get new seeds
     eval_prompts = cycled(prompt_set(cfg["data"], "heldout"), dc["n_eval"])
-    eval_seeds = [10_000 + i for i in range(dc["n_eval"])]
+    eval_seeds = [TRAIN_EVAL_SEED + i for i in range(dc["n_eval"])]
 
     # the held-out check of F10 (eval.held_out)
     def evaluate(model):
