@@ -39,7 +39,8 @@ from dragon import build_sets
 from eval import changes_table, evaluate_models, evaluation_prompts, human_study_stats, plot_radar
 from eval import listening_rows, listening_table, listening_vote, plot_win_rates, win_rate
 from model import load_model
-from launch import parse_args, seeded_generator, set_key, setup_distributed, use_bf16
+from launch import check_dragon_values, parse_args, seeded_generator, set_key, setup_distributed
+from launch import use_bf16
 from pretrain import base_model
 from rewards import build_reward_from_spec, parse_reward
 from sampler import generate_latents
@@ -100,6 +101,7 @@ def run_config(cfg, name, spec, overrides):
     for key, value in {**target, "dragon.demo_steps": bc["demo_steps"], **overrides,
                        **fixed}.items():
         set_key(c, key, value, f"benchmark run {name}")
+    check_dragon_values(c["dragon"])
     return c
 
 

@@ -48,7 +48,8 @@ def set_key(cfg, dotted, value, where):
 
 
 def load_config(path, overrides=()):
-    """The config dict from `path` with `key=value` overrides (values parsed as YAML)."""
+    """The config dict from `path` with `key=value` overrides (values parsed as YAML), checked
+    once loaded: the data.* files, model.latent_channels, section dragon's values."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
@@ -69,7 +70,26 @@ def load_config(path, overrides=()):
     if cfg["model"]["latent_channels"] != cfg["codec"]["n_mels"] and cfg["codec"]["kind"] == "mel":
         raise ValueError(f"model.latent_channels={cfg['model']['latent_channels']} must equal "
                          f"codec.n_mels={cfg['codec']['n_mels']}")
+    check_dragon_values(cfg["dragon"])
     return cfg
+
+
+DRAGON_CHOICES = {"loss": ("dpo", "kto"),
+                  "sets": ("paired", "unpaired", "greedy", "loo", "set_vs_set"),
+                  "lr_schedule": ("constant", "linear")}
+
+
+def check_dragon_values(dc):
+    """The values of config section dragon that need no reward (train.py checks dragon.sets
+    against the reward's type); load_config runs it, benchmark.py again after a run's overrides."""
+    for key, allowed in DRAGON_CHOICES.items():
+        if dc[key] not in allowed:
+            raise ValueError(f"dragon.{key}={dc[key]!r}: allowed values are {list(allowed)}")
+    if not 0 <= dc["p_ref"] <= 1:
+        raise ValueError(f"dragon.p_ref must be in [0, 1], got {dc['p_ref']}")
+    for key in ("beta", "kto_beta", "lr"):
+        if not dc[key] > 0:
+            raise ValueError(f"dragon.{key} must be positive, got {dc[key]}")
 
 
 def parse_args(argv):

@@ -41,6 +41,21 @@ def test_config_overrides_and_errors():
         load_config("nope.yaml")
 
 
+def test_dragon_values_are_checked_at_load_and_name_the_key():
+    with pytest.raises(ValueError, match=r"dragon.loss='ipo': allowed values are \['dpo', 'kto'\]"):
+        load_config(CONFIG, ["dragon.loss=ipo"])
+    with pytest.raises(ValueError, match=r"dragon.sets='pairs': allowed values are \['paired', "):
+        load_config(CONFIG, ["dragon.sets=pairs"])
+    with pytest.raises(ValueError, match=r"dragon.lr_schedule='cosine': allowed values are"):
+        load_config(CONFIG, ["dragon.lr_schedule=cosine"])
+    with pytest.raises(ValueError, match=r"dragon.p_ref must be in \[0, 1\], got 2.0"):
+        load_config(CONFIG, ["dragon.p_ref=2"])
+    for key in ("beta", "kto_beta", "lr"):
+        with pytest.raises(ValueError, match=f"dragon.{key} must be positive, got 0.0"):
+            load_config(CONFIG, [f"dragon.{key}=0"])
+    load_config(CONFIG, ["dragon.p_ref=1", "dragon.loss=kto", "dragon.sets=set_vs_set"])
+
+
 def test_every_config_key_has_a_comment():
     for line in open(CONFIG):
         stripped = line.strip()
