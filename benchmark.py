@@ -34,12 +34,13 @@ import torch
 
 from data import prompt_set
 from encoders import clip_latent_length, make_codec, make_text_encoder
-from listen import listen, paired_changes, preference, validate_on_corpus, validation_table
+from listen import listen, preference, validate_on_corpus, validation_table
 from dragon import build_sets
-from eval import changes_table, evaluate_models, evaluation_prompts, human_study_stats, plot_radar, plot_win_rates
-from eval import listening_rows, listening_table, win_rate
+from eval import changes_table, evaluate_models, evaluation_prompts, human_study_stats, plot_radar
+from eval import listening_rows, listening_table, listening_vote, plot_win_rates, win_rate
 from model import load_model
-from launch import parse_args, seeded_generator, set_key, setup_distributed, use_bf16
+from launch import check_dragon_values, parse_args, seeded_generator, set_key, setup_distributed
+from launch import use_bf16
 from pretrain import base_model
 from rewards import build_reward_from_spec, parse_reward
 from sampler import generate_latents
@@ -49,7 +50,7 @@ PAPER_AVERAGE_WIN_RATE = 0.8145
 GREEDY = {"dragon.sets": "greedy"}           # set rewards: D+ / D- by pair swaps
 TARGETS = {   # run name: (the target reward's spec, as in eval.rewards; further train.py overrides)
     "aesthetics": ("aesthetics", {}),
-    "clap_score": ("clap_score", {"dragon.demo_steps": 40}),                # 40-step demos (RESULTS.md)
+    "clap_score": ("clap_score", {"dragon.demo_steps": 40}),   # 40-step demos (RESULTS.md)
     # the paper's VAE-PSFAD-ALIM, at the paper's beta (RESULTS.md: per-song FAD and silent gaps)
     "fad_song_latent_alim": ("fad_per_song/latent/audio:alim", {"dragon.beta": 5000.0}),
     "fad_song_latent_sd": ("fad_per_song/latent/audio:sd", {}),
@@ -97,8 +98,10 @@ def run_config(cfg, name, spec, overrides):
     bc = cfg["benchmark"]
     fixed = {"dragon.rounds": bc["rounds"], "dragon.n_eval": 0, "dragon.run_name": f"bench_{name}"}
     target = {f"reward.{key}": value for key, value in parse_reward(spec).items()}
-    for key, value in {**target, "dragon.demo_steps": bc["demo_steps"], **overrides, **fixed}.items():
+    for key, value in {**target, "dragon.demo_steps": bc["demo_steps"], **overrides,
+                       **fixed}.items():
         set_key(c, key, value, f"benchmark run {name}")
+    check_dragon_values(c["dragon"])
     return c
 
 
@@ -106,7 +109,8 @@ def round_costs(log_path, cfg):
     """Median seconds per round in generate / score / update, and model forwards per second
     during generation (demo_steps x 2B forwards for B demonstrations, batched CFG)."""
     entries = [json.loads(line) for line in open(log_path)]
-    costs = {k: float(np.median([e[k] for e in entries])) for k in ("t_generate", "t_score", "t_update")}
+    costs = {k: float(np.median([e[k] for e in entries]))
+             for k in ("t_generate", "t_score", "t_update")}
     dc = cfg["dragon"]
     steps = dc["demo_steps"] or cfg["sampler"]["steps"]
     costs["forwards_per_s"] = steps * 2 * (2 * dc["prompts_per_round"]) / costs["t_generate"]
@@ -114,7 +118,8 @@ def round_costs(log_path, cfg):
 
 
 def benchmark(cfg, runs=None):
-    """Everything in the module docstring; `runs` (name -> (spec, overrides)) overrides benchmark.runs."""
+    """Everything in the module docstring; `runs` (name -> (spec, overrides)) overrides
+    benchmark.runs."""
     _, _, device = setup_distributed(cfg, single="benchmark.py")
     t_start, seconds = time.time(), {}
     # pre-trained first when missing
@@ -131,7 +136,8 @@ def benchmark(cfg, runs=None):
         # the first run also fits and caches the reward models
         checkpoints[name] = train(c)
         costs[name] = {"train_seconds": time.time() - t0,
-                       **round_costs(os.path.join(c["out_dir"], c["dragon"]["run_name"], "log.jsonl"), c)}
+                       **round_costs(os.path.join(c["out_dir"], c["dragon"]["run_name"],
+                                                  "log.jsonl"), c)}
     seconds["DRAGON runs"] = sum(c["train_seconds"] for c in costs.values())
 
     t0 = time.time()
@@ -144,10 +150,12 @@ def benchmark(cfg, runs=None):
     c = copy.deepcopy(cfg)
     specs = list(dict.fromkeys([*cfg["eval"]["rewards"], *(spec for spec, _ in runs.values())]))
     c["eval"].update(rewards=specs, prompt_sets=["heldout"])
-    models = {name: load_model(path, map_location=device)[0].eval() for name, path in checkpoints.items()}
+    models = {name: load_model(path, map_location=device)[0].eval()
+              for name, path in checkpoints.items()}
     with torch.no_grad():
         matrix, latents, audio = evaluate_models(c, base, models, codec, text_encoder, device)
-        bins = quality_bins(c, codec, latents["heldout"], audio["heldout"]) if "aesthetics" in models else []
+        bins = (quality_bins(c, codec, latents["heldout"], audio["heldout"])
+                if "aesthetics" in models else [])
         # loudness and defects per model
         heard, _ = listening_rows(c, audio, codec.sample_rate)
     rows = []
@@ -160,9 +168,10 @@ def benchmark(cfg, runs=None):
     t0 = time.time()
     listeners = [n for n in cfg["benchmark"]["listen_runs"] if n in models]
     with torch.no_grad():
-        votes = listening_test(cfg, base, {n: models[n] for n in listeners}, codec, text_encoder, device,
-                               audio["heldout"])
-        accuracy = validate_on_corpus(cfg["data"], codec) if cfg["data"]["source"] == "synthetic" else {}
+        votes = listening_test(cfg, base, {n: models[n] for n in listeners}, codec, text_encoder,
+                               device, audio["heldout"])
+        accuracy = (validate_on_corpus(cfg["data"], codec) if cfg["data"]["source"] == "synthetic"
+                    else {})
     seconds["listening test"] = time.time() - t0
     seconds["total"] = time.time() - t_start
     report(cfg, rows, matrix, bins, dplus, heard, votes, accuracy, seconds)
@@ -179,7 +188,8 @@ def group_of(name):
 
 def quality_bins(cfg, codec, latents, audio, n_bins=3):
     """Fig. 7: the held-out prompts split into thirds by the base model's aesthetics score (low /
-    medium / high quality); per third the mean score of both models and the aesthetics run's win rate."""
+    medium / high quality); per third the mean score of both models and the aesthetics run's win
+    rate."""
     reward = build_reward_from_spec(cfg, "aesthetics", codec)
     prompts, _ = evaluation_prompts(cfg, "heldout")
     base, ft = (reward.scores(reward.features(latents[n], prompts, audio[n]), prompts).per_example
@@ -189,7 +199,8 @@ def quality_bins(cfg, codec, latents, audio, n_bins=3):
     for name, members in zip(("low", "medium", "high"), order.tensor_split(n_bins)):
         rate, lo, hi = win_rate(ft[members].numpy(), base[members].numpy())
         rows.append({"bin": name, "prompts": len(members), "base": float(base[members].mean()),
-                     "finetuned": float(ft[members].mean()), "win_rate": rate, "ci_low": lo, "ci_high": hi})
+                     "finetuned": float(ft[members].mean()), "win_rate": rate, "ci_low": lo,
+                     "ci_high": hi})
     return rows
 
 
@@ -203,7 +214,8 @@ def dplus_table(cfg, base, codec, text_encoder, device, encoders=("latent", "cla
     g = seeded_generator(cfg["seed"], 0)
     prompts, seeds = sample_prompts(prompt_set(cfg["data"], "train"), dc["prompts_per_round"], g)
     T = clip_latent_length(codec, cfg["data"])
-    sampler_cfg = dict(cfg["sampler"], steps=cfg["benchmark"]["demo_steps"] or cfg["sampler"]["steps"])
+    sampler_cfg = dict(cfg["sampler"], steps=cfg["benchmark"]["demo_steps"]
+                       or cfg["sampler"]["steps"])
     latents = generate_latents(base, prompts, seeds, T, text_encoder, sampler_cfg, device,
                                bf16=use_bf16(dc, device))
     audio = codec.decode(latents)
@@ -218,10 +230,12 @@ def dplus_table(cfg, base, codec, text_encoder, device, encoders=("latent", "cla
         song, dataset = rewards["fad_per_song"], rewards["fad_dataset"]
         sets = {"demonstrations (D1)": pairs[:, 0],
                 "D+ by per-song FAD": build_sets("paired", pairs, song.per_example).pos,
-                "D+ by dataset FAD": build_sets("greedy", pairs, set_reward=dataset.of, generator=g).pos}
+                "D+ by dataset FAD": build_sets("greedy", pairs, set_reward=dataset.of,
+                                                generator=g).pos}
         for name, members in sets.items():         # rewards are -FAD: report FAD
             rows.append({"encoder": encoder, "reference": cfg["reward"]["reference"], "set": name,
-                         "clips": len(members), "per_song_fad": -song.of(members), "dataset_fad": -dataset.of(members)})
+                         "clips": len(members), "per_song_fad": -song.of(members),
+                         "dataset_fad": -dataset.of(members)})
     return rows
 
 
@@ -246,8 +260,9 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
         k = 0 if clips is None else max(0, min(len(clips), b) - a)
         parts = [clips[a:a + k]] if k else []
         if a + k < b:
-            parts.append(codec.decode(generate_latents(model, prompts[a + k:b], seeds[a + k:b], T, text_encoder,
-                                                       cfg["sampler"], device, bf16=use_bf16(cfg["dragon"], device))))
+            parts.append(codec.decode(generate_latents(model, prompts[a + k:b], seeds[a + k:b], T,
+                                                       text_encoder, cfg["sampler"], device,
+                                                       bf16=use_bf16(cfg["dragon"], device))))
         return listen(torch.cat(parts), codec.sample_rate, prompts[a:b])
 
     # the first m clips of a list of listen() reports
@@ -267,11 +282,7 @@ def listening_test(cfg, base, models, codec, text_encoder, device, evaluated=Non
     for name in models:
         m = sum(len(r["rms"]) for r in reports[name])
         tuned, reference = joined(reports[name], m), joined(reports["base"], m)
-        pref = preference(tuned, reference)
-        wins, pairs = int((pref > 0).sum()), int((pref != 0).sum())
-        votes.append({"model": name, "prompts": "heldout", "heard": m, "wins": wins, "decisive": pairs,
-                      "ties": m - pairs, **(human_study_stats(wins, pairs) if pairs else {}),
-                      "changes": paired_changes(tuned, reference)})
+        votes.append(listening_vote(name, "heldout", tuned, reference, heard=m))
     return votes
 
 
@@ -283,66 +294,78 @@ def report(cfg, rows, matrix, bins, dplus, heard, votes, accuracy, seconds):
     """benchmark.md / .json / .png: the tables in the paper's shape, with costs and wall times."""
     targets = [r for r in rows if r["group"] == "target"]
     average = float(np.mean([r["win_rate"] for r in targets])) if targets else float("nan")
-    lines = ["| run | group | reward | type | base | fine-tuned | win rate [95% CI] | s/round gen / score / update | "
-             "forwards/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | group | reward | type | base | fine-tuned | win rate [95% CI] | "
+             "s/round gen / score / update | forwards/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['group']} | {r['reward']} | {r['type']} | {r['base']:.4f} | {r['finetuned']:.4f} | "
-                     f"{r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] | "
-                     f"{r['t_generate']:.1f} / {r['t_score']:.1f} / {r['t_update']:.2f} | {r['forwards_per_s']:.0f} |")
+        lines.append(f"| {r['run']} | {r['group']} | {r['reward']} | {r['type']} | {r['base']:.4f} "
+                     f"| {r['finetuned']:.4f} | {r['win_rate']:.1%} [{r['ci_low']:.1%}, "
+                     f"{r['ci_high']:.1%}] | {r['t_generate']:.1f} / {r['t_score']:.1f} / "
+                     f"{r['t_update']:.2f} | {r['forwards_per_s']:.0f} |")
     lines += ["", f"Average win rate over the {len(targets)} target rewards: {average:.2%} (paper: "
-              f"{PAPER_AVERAGE_WIN_RATE:.2%} over 20 rewards); {sum(r['ci_low'] > 0.6 for r in targets)} of "
-              f"{len(targets)} intervals above 60%."]
+              f"{PAPER_AVERAGE_WIN_RATE:.2%} over 20 rewards); "
+              f"{sum(r['ci_low'] > 0.6 for r in targets)} of {len(targets)} intervals above 60%."]
     rewards = list(dict.fromkeys(r["reward"] for r in matrix))
-    lines += ["", "Win rate against the base model of each run (rows) on every reward (columns):", "",
+    lines += ["", "Win rate against the base model of each run (rows) on every reward (columns):",
+              "",
               "| trained on | " + " | ".join(rewards) + " |", "| --- |" + " --- |" * len(rewards)]
     for model in dict.fromkeys(r["model"] for r in matrix):
         rate = {r["reward"]: r["win_rate"] for r in matrix if r["model"] == model}
         lines.append(f"| {model} | " + " | ".join(f"{rate[k]:.0%}" for k in rewards) + " |")
     if bins:
-        lines += ["", "Fig. 7: the aesthetics run per third of the held-out prompts by the base model's score:", "",
-                  "| base quality | prompts | base | fine-tuned | win rate [95% CI] |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {b['bin']} | {b['prompts']} | {b['base']:.3f} | {b['finetuned']:.3f} | {b['win_rate']:.1%} "
-                  f"[{b['ci_low']:.1%}, {b['ci_high']:.1%}] |" for b in bins]
-    lines += ["", "The D+ table: one round of the base model's demonstrations and the positive sets built from it "
-              "(FAD, lower is better):", "", "| encoder | reference | set | clips | per-song FAD (mean) | dataset FAD |",
+        lines += ["", "Fig. 7: the aesthetics run per third of the held-out prompts by the base "
+                  "model's score:", "",
+                  "| base quality | prompts | base | fine-tuned | win rate [95% CI] |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {b['bin']} | {b['prompts']} | {b['base']:.3f} | {b['finetuned']:.3f} | "
+                  f"{b['win_rate']:.1%} [{b['ci_low']:.1%}, {b['ci_high']:.1%}] |" for b in bins]
+    lines += ["", "The D+ table: one round of the base model's demonstrations and the positive "
+              "sets built from it (FAD, lower is better):", "",
+              "| encoder | reference | set | clips | per-song FAD (mean) | dataset FAD |",
               "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {d['encoder']} | {d['reference']} | {d['set']} | {d['clips']} | {d['per_song_fad']:.4f} | "
-              f"{d['dataset_fad']:.4f} |" for d in dplus]
-    lines += ["", "What the listener hears in each model's evaluation clips (the same clips as the table above):", "",
-              listening_table(heard)]
+    lines += [f"| {d['encoder']} | {d['reference']} | {d['set']} | {d['clips']} | "
+              f"{d['per_song_fad']:.4f} | {d['dataset_fad']:.4f} |" for d in dplus]
+    lines += ["", "What the listener hears in each model's evaluation clips (the same clips as "
+              "the table above):", "", listening_table(heard)]
     if votes:
-        lines += ["", f"The listening test (held-out prompts until {cfg['benchmark']['listen_pairs']} decisive pairs, "
-                  f"at most {cfg['benchmark']['listen_prompts']}; the listener prefers fewer defects, then more of "
-                  "the prompt's register and dynamics; ties dropped):", "",
-                  "| model | prompts | preferred / decisive (ties) | win rate | p-value | 95% lower bound | paper |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "The listening test (held-out prompts until "
+                  f"{cfg['benchmark']['listen_pairs']} decisive pairs, at most "
+                  f"{cfg['benchmark']['listen_prompts']}; the listener prefers fewer defects, then "
+                  "more of the prompt's register and dynamics; ties dropped):", "",
+                  "| model | prompts | preferred / decisive (ties) | win rate | p-value | "
+                  "95% lower bound | paper |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for v in votes:
             paper = PAPER_LISTENING_TEST.get(v["model"])
             paper = (f"{paper[0]} / {paper[1]} ({paper[0] / paper[1]:.2%}, p = "
                      f"{human_study_stats(*paper)['p_value']:.1e})") if paper else "-"
-            stats = (f"{v['win_rate']:.2%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}" if v["decisive"]
-                     else "- | - | -")
-            lines.append(f"| {v['model']} | {v['heard']} | {v['wins']} / {v['decisive']} ({v['ties']}) | {stats} | "
-                         f"{paper} |")
-        lines += ["", "Clip by clip (same prompt and noise): pairs where only the tuned or only the base clip has a "
-                  "defect or matches the prompt, with McNemar's exact two-sided p:", "", changes_table(votes)]
+            stats = (f"{v['win_rate']:.2%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}"
+                     if v["decisive"] else "- | - | -")
+            lines.append(f"| {v['model']} | {v['heard']} | {v['wins']} / {v['decisive']} "
+                         f"({v['ties']}) | {stats} | {paper} |")
+        lines += ["", "Clip by clip (same prompt and noise): pairs where only the tuned or only "
+                  "the base clip has a defect or matches the prompt, with McNemar's exact "
+                  "two-sided p:", "", changes_table(votes)]
     if accuracy:
-        lines += ["", "How well the listener hears corpus clips with known defects and attributes:", "",
-                  validation_table(accuracy)]
-    peak = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GB (process)"
+        lines += ["", "How well the listener hears corpus clips with known defects and attributes:",
+                  "", validation_table(accuracy)]
+    peak = (f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GB "
+            "(process)")
     if torch.cuda.is_available():
         peak += f", {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB (GPU)"
-    lines += ["", "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + f"; {peak}."]
+    lines += ["", "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+              + f"; {peak}."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = cfg["out_dir"]
     with open(os.path.join(out, "benchmark.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "benchmark.json"), "w") as f:
-        json.dump({"rows": rows, "matrix": matrix, "average_win_rate": average, "fig7": bins, "dplus": dplus,
-                   "listening": heard, "listening_test": votes, "listener_accuracy": accuracy, "seconds": seconds}, f, indent=1)
+        json.dump({"rows": rows, "matrix": matrix, "average_win_rate": average, "fig7": bins,
+                   "dplus": dplus, "listening": heard, "listening_test": votes,
+                   "listener_accuracy": accuracy, "seconds": seconds}, f, indent=1)
     plot_win_rates(rows, os.path.join(out, "benchmark.png"))
-    plot_radar([r for r in matrix if r["model"] in TARGETS], os.path.join(out, "benchmark_radar.png"))
+    plot_radar([r for r in matrix if r["model"] in TARGETS],
+               os.path.join(out, "benchmark_radar.png"))
     plot_fig3_fig7(cfg, rows, bins, os.path.join(out, "benchmark_fig3_fig7.png"))
 
 
@@ -358,11 +381,12 @@ def plot_fig3_fig7(cfg, rows, bins, path):
     if fig3:
         x = [s for s, _ in fig3]
         y = np.array([r["win_rate"] for _, r in fig3]) * 100
-        err = np.array([[r["win_rate"] - r["ci_low"], r["ci_high"] - r["win_rate"]] for _, r in fig3]).T * 100
+        err = np.array([[r["win_rate"] - r["ci_low"], r["ci_high"] - r["win_rate"]]
+                        for _, r in fig3]).T * 100
         a.errorbar(x, y, yerr=err, marker="o", capsize=3)
     a.axhline(50, color="gray", ls="--")
-    a.set(xlabel=f"demonstration steps (inference: {cfg['sampler']['steps']})", ylabel="aesthetics win rate (%)",
-          ylim=(0, 100), title="Fig. 3: demonstration steps")
+    a.set(xlabel=f"demonstration steps (inference: {cfg['sampler']['steps']})",
+          ylabel="aesthetics win rate (%)", ylim=(0, 100), title="Fig. 3: demonstration steps")
     if bins:
         x = np.arange(len(bins))
         a_base, a_ft = [v["base"] for v in bins], [v["finetuned"] for v in bins]

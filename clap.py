@@ -23,10 +23,12 @@ from encoders import TextEncoder, load_pretrained, make_codec
 from model import load_or_fit
 
 CAPTION_VARIANTS = 2    # differently phrased captions per training clip, so paraphrases embed alike
-CAPTION_TOKENS = 64     # caption tokens the text tower sees: captions with two defects need about 40
+CAPTION_TOKENS = 64     # caption tokens the text tower sees: captions with two defects need
+                        # about 40
 MEL_NOISE = 0.1         # noise added to training windows, for robustness to codec artifacts
-QUALITY_WORDS = {"off_scale": "with wrong notes", "detune": "out of tune", "hiss": "with background hiss",
-                 "clipping": "distorted and clipped", "jitter": "with sloppy timing", "dropout": "with dropouts"}
+QUALITY_WORDS = {"off_scale": "with wrong notes", "detune": "out of tune",
+                 "hiss": "with background hiss", "clipping": "distorted and clipped",
+                 "jitter": "with sloppy timing", "dropout": "with dropouts"}
 
 
 class SmallClap(nn.Module):
@@ -36,21 +38,23 @@ class SmallClap(nn.Module):
 
     def __init__(self, n_mels=32, text_dim=384, dim=64, width=128, window_frames=32, hop_frames=16):
         super().__init__()
-        self.config = dict(n_mels=n_mels, text_dim=text_dim, dim=dim, width=width, window_frames=window_frames,
-                           hop_frames=hop_frames)
+        self.config = dict(n_mels=n_mels, text_dim=text_dim, dim=dim, width=width,
+                           window_frames=window_frames, hop_frames=hop_frames)
         self.audio_tower = nn.Sequential(
             nn.Conv1d(n_mels, width, 3, padding=1), nn.GELU(),
             nn.Conv1d(width, width, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv1d(width, width, 3, stride=2, padding=1), nn.GELU())
         self.audio_proj = nn.Linear(width, dim)
-        self.text_tower = nn.Sequential(nn.Linear(text_dim, 2 * width), nn.GELU(), nn.Linear(2 * width, dim))
+        self.text_tower = nn.Sequential(nn.Linear(text_dim, 2 * width), nn.GELU(),
+                                        nn.Linear(2 * width, dim))
         self.log_temp = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def windows(self, mel):
         """[B, n_mels, T] -> [B, W, n_mels, window] fixed, deterministic windows."""
         w, h = self.config["window_frames"], self.config["hop_frames"]
         if mel.shape[-1] < w:
-            raise ValueError(f"clip has {mel.shape[-1]} mel frames, fewer than one CLAP window ({w})")
+            raise ValueError(f"clip has {mel.shape[-1]} mel frames, fewer than one CLAP window "
+                             f"({w})")
         return mel.unfold(-1, w, h).permute(0, 2, 1, 3)
 
     def embed_mel_windows(self, win):
@@ -64,8 +68,8 @@ class SmallClap(nn.Module):
 
 def fit_small_clap(cfg, mel_codec, text_encoder, rank=0):
     """Fit SmallClap on the training split: each step pairs one random window of each clip with its
-    caption (synthetic data: a freshly phrased caption of its attributes plus its defects in words, so
-    the embedding hears quality too; real data: the caption of its file). Returns (model, report
+    caption (synthetic data: a freshly phrased caption of its attributes plus its defects in words,
+    so the embedding hears quality too; real data: the caption of its file). Returns (model, report
     with held-out retrieval accuracy)."""
     cc = cfg["clap"]
     g = torch.Generator().manual_seed(cfg["seed"])
@@ -89,7 +93,8 @@ def fit_small_clap(cfg, mel_codec, text_encoder, rank=0):
     with torch.random.fork_rng(devices=[]):
         # the same initial weights whatever ran before in this process
         torch.manual_seed(cfg["seed"])
-        model = SmallClap(mel.shape[1], text_encoder.dim, window_frames=cc["window_frames"], hop_frames=cc["hop_frames"])
+        model = SmallClap(mel.shape[1], text_encoder.dim, window_frames=cc["window_frames"],
+                          hop_frames=cc["hop_frames"])
     model.to(mel_codec.device)
     opt = torch.optim.Adam(model.parameters(), lr=cc["lr"])
     bar = tqdm(range(cc["steps"]), desc="fit CLAP", disable=rank != 0, dynamic_ncols=True)
@@ -127,17 +132,24 @@ def clap_step(model, opt, mel, quietest, states, cc, g, rng, bar):
 
 
 @torch.no_grad()
+def clap_check_split(data_cfg):
+    """The split the offline CLAP's fit is checked on: synthetic data's validation split; on a
+    folder corpus data.valid_captions, else data.test_captions, an error when neither is set (also
+    raised by rewards.check_reward_inputs before any model is fitted)."""
+    if data_cfg["source"] != "folder":
+        return "valid"
+    split = "valid" if data_cfg["valid_captions"] else "test"
+    if not data_cfg[f"{split}_captions"]:
+        raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: "
+                         "set data.valid_captions or data.test_captions")
+    return split
+
+
 def clap_retrieval(model, mel_codec, text_encoder, cfg, n=100):
     """Held-out retrieval: each of n validation clips' embedding ranks their distinct captions (the
     windows of one real file share one); a hit is its own caption among the top k. Real data is
     checked on data.valid_captions, else data.test_captions."""
-    split = "valid"
-    if cfg["data"]["source"] == "folder":
-        split = "valid" if cfg["data"]["valid_captions"] else "test"
-        if not cfg["data"][f"{split}_captions"]:
-            raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: set "
-                             "data.valid_captions or data.test_captions")
-    corpus = load_corpus(cfg["data"], split, n=n)
+    corpus = load_corpus(cfg["data"], clap_check_split(cfg["data"]), n=n)
     # spread over files
     idx = torch.linspace(0, len(corpus) - 1, min(n, len(corpus))).round().long().unique()
     captions = [corpus.captions[i] for i in idx.tolist()]
@@ -148,7 +160,8 @@ def clap_retrieval(model, mel_codec, text_encoder, cfg, n=100):
     t = enc.text_embedding(unique)
     rank = (a @ t.T).argsort(dim=1, descending=True)
     hits = rank == torch.tensor([unique.index(c) for c in captions])[:, None]
-    return {"top1": float(hits[:, :1].any(1).float().mean()), "top5": float(hits[:, :5].any(1).float().mean()),
+    return {"top1": float(hits[:, :1].any(1).float().mean()),
+            "top5": float(hits[:, :5].any(1).float().mean()),
             "chance_top1": 1 / len(unique), "chance_top5": min(1.0, 5 / len(unique)), "n": len(idx),
             "captions": len(unique)}
 
@@ -160,7 +173,8 @@ class ClapEncoder:
         self.model, self.mel, self.text_encoder = model, mel_codec, text_encoder
         self.sample_rate = mel_codec.sample_rate
         self.dim = model.config["dim"]
-        self.identity = {"kind": "small", "weights": weights_hash(model), "window_frames": model.config["window_frames"],
+        self.identity = {"kind": "small", "weights": weights_hash(model),
+                         "window_frames": model.config["window_frames"],
                          "hop_frames": model.config["hop_frames"], "sample_rate": self.sample_rate}
 
     @torch.no_grad()
@@ -168,12 +182,14 @@ class ClapEncoder:
         """audio [B, samples] at self.sample_rate -> [B, W, dim]."""
         win = self.model.windows(self.mel.encode(audio).to(self.mel.device))
         B, W = win.shape[:2]
-        return self.model.embed_mel_windows(win.reshape(B * W, *win.shape[2:])).reshape(B, W, self.dim).cpu()
+        return (self.model.embed_mel_windows(win.reshape(B * W, *win.shape[2:]))
+                .reshape(B, W, self.dim).cpu())
 
     @torch.no_grad()
     def text_embedding(self, prompts):
         text, mask = self.text_encoder(prompts)
-        return self.model.embed_text_states(text.to(self.mel.device), mask.to(self.mel.device)).cpu()
+        return self.model.embed_text_states(text.to(self.mel.device),
+                                            mask.to(self.mel.device)).cpu()
 
     def audio_embedding(self, audio):
         """One embedding per clip: the normalised mean of its window embeddings."""
@@ -190,13 +206,15 @@ class HFClapEncoder:
         self.features = load_pretrained(ClapFeatureExtractor, path, "clap.path")
         self.tokenizer = load_pretrained(AutoTokenizer, path, "clap.path")
         if len(self.tokenizer) < 1000:
-            raise RuntimeError(f"clap.path={path!r}: tokenizer has only {len(self.tokenizer)} tokens")
+            raise RuntimeError(f"clap.path={path!r}: tokenizer has only {len(self.tokenizer)} "
+                               "tokens")
         self.sample_rate = self.features.sampling_rate
-        self.window, self.hop = int(window_seconds * self.sample_rate), int(hop_seconds * self.sample_rate)
+        self.window, self.hop = (int(window_seconds * self.sample_rate),
+                                 int(hop_seconds * self.sample_rate))
         self.dim = self.model.config.projection_dim
         self.device = device
-        self.identity = {"kind": "hf", "path": path, "window_seconds": window_seconds, "hop_seconds": hop_seconds,
-                         "sample_rate": self.sample_rate}
+        self.identity = {"kind": "hf", "path": path, "window_seconds": window_seconds,
+                         "hop_seconds": hop_seconds, "sample_rate": self.sample_rate}
 
     @staticmethod
     def _pooled(out):
@@ -208,9 +226,10 @@ class HFClapEncoder:
         n = audio.shape[-1]
         starts = list(range(0, max(n - self.window, 0) + 1, self.hop))
         wins = [audio[b, s:s + self.window].numpy() for b in range(len(audio)) for s in starts]
-        inputs = self.features(wins, sampling_rate=self.sample_rate, return_tensors="pt", padding="repeatpad",
-                               truncation="rand_trunc")
-        emb = self._pooled(self.model.get_audio_features(input_features=inputs["input_features"].to(self.device)))
+        inputs = self.features(wins, sampling_rate=self.sample_rate, return_tensors="pt",
+                               padding="repeatpad", truncation="rand_trunc")
+        emb = self._pooled(self.model.get_audio_features(
+            input_features=inputs["input_features"].to(self.device)))
         return F.normalize(emb.float(), dim=-1).reshape(len(audio), len(starts), self.dim).cpu()
 
     @torch.no_grad()
@@ -254,8 +273,9 @@ def load_or_fit_clap(cfg, rank=0, device="cpu"):
     # its front end is the mel transform of the codec section (whatever codec the generator uses)
     mel = make_codec(dict(cfg, codec=dict(cfg["codec"], kind="mel", griffin_lim_iters=0)), device)
     path = os.path.join(reward_dir(cfg), "clap.pt")
-    fitted_on = {"clap": {k: v for k, v in cc.items() if k not in ("kind", "path")}, "data": cfg["data"],
-                 "codec": cfg["codec"], "seed": cfg["seed"], "text_encoder": cfg["text_encoder"]}
+    fitted_on = {"clap": {k: v for k, v in cc.items() if k not in ("kind", "path")},
+                 "data": cfg["data"], "codec": cfg["codec"], "seed": cfg["seed"],
+                 "text_encoder": cfg["text_encoder"]}
 
     def fit():
         t0 = time.time()

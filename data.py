@@ -25,7 +25,8 @@ import torch
 # =============================================================================================
 
 def read_wav(path):
-    """-> (float32 array [channels, samples] in [-1, 1], sample rate). Clear errors name the file."""
+    """-> (float32 array [channels, samples] in [-1, 1], sample rate). Clear errors name the
+    file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
@@ -40,8 +41,8 @@ def read_wav(path):
     a = np.asarray(a, dtype=np.float32)
     # float WAV beyond full scale: kept, not rescaled
     if np.abs(a).max(initial=0.0) > 1.0:
-        warnings.warn(f"audio file {path} peaks at {np.abs(a).max():.2f}, beyond full scale [-1, 1]; "
-                      f"it is used as it is (scale the file to change that)")
+        warnings.warn(f"audio file {path} peaks at {np.abs(a).max():.2f}, beyond full scale "
+                      f"[-1, 1]; it is used as it is (scale the file to change that)")
     a = a[None, :] if a.ndim == 1 else a.T
     if a.shape[1] == 0:
         raise ValueError(f"audio file {path} is empty")
@@ -128,8 +129,10 @@ DEFECTS = ["off_scale", "detune", "hiss", "clipping", "jitter", "dropout"]
 
 CAPTION_TEMPLATES = [
     "{tempo} {instrument} melody in {key} {scale}, {register}, {density}, {dynamics}, {percussion}",
-    "a {dynamics} {density} piece for {instrument} {percussion}, {tempo}, {register}, in {key} {scale}",
-    "{register} {instrument} playing a {scale} tune in {key}, {tempo} and {dynamics}, {density}, {percussion}",
+    "a {dynamics} {density} piece for {instrument} {percussion}, {tempo}, {register}, in {key} "
+    "{scale}",
+    "{register} {instrument} playing a {scale} tune in {key}, {tempo} and {dynamics}, {density}, "
+    "{percussion}",
 ]
 USER_TEMPLATES = [  # freely worded prompts (the DMA "real user prompt" analogue)
     "i want something {dynamics} and {tempo} on {instrument}, {register}, {percussion}",
@@ -151,7 +154,8 @@ def caption_for(attrs, rng, templates=CAPTION_TEMPLATES):
 
 
 def attributes_from_prompt(prompt):
-    """The attribute values a prompt names (phrases matched as whole words), e.g. {'register': 'low'}."""
+    """The attribute values a prompt names (phrases matched as whole words), e.g.
+    {'register': 'low'}."""
     found = {}
     for attr, values in ATTRIBUTES.items():
         for value, phrases in values.items():
@@ -185,7 +189,8 @@ def rating_for(defects, rng, rater_noise=0.35):
 
 
 def partials(instrument):
-    """(frequency ratio, amplitude) of an instrument's partials, and its envelope (attack s, decay s)."""
+    """(frequency ratio, amplitude) of an instrument's partials, and its envelope (attack s,
+    decay s)."""
     if instrument == "flute":
         return [(1, 1.0), (2, 0.12), (3, 0.04)], (0.04, None)
     if instrument == "clarinet":
@@ -205,7 +210,8 @@ def render_note(f0, n, sr, instrument, detune_depth=0.0, rng=None):
     if instrument == "strings":                            # gentle vibrato, part of the timbre
         phase_mod = 1.0 + 0.004 * np.sin(2 * np.pi * 5.5 * t)
     if detune_depth:                                        # defect: slow out-of-tune wobble
-        phase_mod = phase_mod * 2 ** (detune_depth * np.sin(2 * np.pi * 3.0 * t + rng.uniform(0, 6.3)) / 12)
+        phase_mod = phase_mod * 2 ** (detune_depth
+                                      * np.sin(2 * np.pi * 3.0 * t + rng.uniform(0, 6.3)) / 12)
     inst_freq = f0 * phase_mod * np.ones(n)
     phase = 2 * np.pi * np.cumsum(inst_freq) / sr
     out = np.zeros(n)
@@ -223,7 +229,8 @@ def render_drums(n, sr, bpm, rng):
     out = np.zeros(n)
     beat = int(sr * 60 / bpm)
     k = np.arange(int(0.15 * sr)) / sr
-    kick = np.sin(2 * np.pi * (50 * k + 60 * (1 - np.exp(-k / 0.03)) * 0.03 * 30)) * np.exp(-k / 0.05)
+    kick = (np.sin(2 * np.pi * (50 * k + 60 * (1 - np.exp(-k / 0.03)) * 0.03 * 30))
+            * np.exp(-k / 0.05))
     h = np.arange(int(0.05 * sr))
     for start in range(0, n, beat):
         m = min(len(kick), n - start)
@@ -250,7 +257,8 @@ def render_clip(attrs, defects, sr, seconds, rng, noise_floor=0.0):
     degree = int(rng.integers(0, 5))
     onsets = np.arange(n_notes) * note_len
     if "jitter" in defects:                                 # defect: sloppy timing
-        onsets = onsets + rng.normal(0, 0.06 * defects["jitter"], n_notes) * (np.arange(n_notes) > 0)
+        onsets = onsets + (rng.normal(0, 0.06 * defects["jitter"], n_notes)
+                           * (np.arange(n_notes) > 0))
     audio = np.zeros(n)
     for j, onset in enumerate(onsets):
         degree = int(np.clip(degree + rng.choice([-2, -1, -1, 0, 1, 1, 2]), 0, 9))
@@ -261,7 +269,8 @@ def render_clip(attrs, defects, sr, seconds, rng, noise_floor=0.0):
         length = min(int(note_len * sr * 0.95), n - start)
         if length <= 0:
             continue
-        audio[start:start + length] += render_note(440.0 * 2 ** ((midi - 69) / 12), length, sr, attrs["instrument"],
+        audio[start:start + length] += render_note(440.0 * 2 ** ((midi - 69) / 12), length, sr,
+                                                   attrs["instrument"],
                                                    0.8 * defects.get("detune", 0.0), rng)
     audio *= LOUDNESS[attrs["dynamics"]]
     if attrs["percussion"] == "drums":
@@ -277,7 +286,8 @@ def render_clip(attrs, defects, sr, seconds, rng, noise_floor=0.0):
         audio += 0.08 * defects["hiss"] * rng.standard_normal(n)
     if "clipping" in defects:                               # defect: overdriven and hard-clipped
         limit = 0.3 * LOUDNESS[attrs["dynamics"]] / (1 + 3 * defects["clipping"])
-        audio = np.clip(audio * (1 + 4 * defects["clipping"]), -limit, limit) / limit * LOUDNESS[attrs["dynamics"]]
+        audio = (np.clip(audio * (1 + 4 * defects["clipping"]), -limit, limit) / limit
+                 * LOUDNESS[attrs["dynamics"]])
     return np.clip(audio, -1, 1).astype(np.float32)
 
 
@@ -315,8 +325,8 @@ def clip_spec(split, i, seed, p_defect, restrict=None):
     return attrs, defects, caption_for(attrs, rng), rating_for(defects, rng), rng
 
 
-def synthetic_corpus(split, n, sr, seconds, seed, p_defect=0.5, rated_fraction=1.0, restrict=None, noise_floor=0.0,
-                     first=0):
+def synthetic_corpus(split, n, sr, seconds, seed, p_defect=0.5, rated_fraction=1.0, restrict=None,
+                     noise_floor=0.0, first=0):
     """Clips first .. first + n - 1 of a split; clip i depends only on (seed, split, i)."""
     audio, captions, ratings, attributes, defects = [], [], [], [], []
     for i in range(first, first + n):
@@ -326,8 +336,8 @@ def synthetic_corpus(split, n, sr, seconds, seed, p_defect=0.5, rated_fraction=1
         audio.append(render_clip(attrs, d, sr, seconds, rng, noise_floor))
         attributes.append(attrs)
         defects.append(d)
-    return Corpus(torch.from_numpy(np.stack(audio)), captions, torch.tensor(ratings, dtype=torch.float32),
-                  attributes, defects)
+    return Corpus(torch.from_numpy(np.stack(audio)), captions,
+                  torch.tensor(ratings, dtype=torch.float32), attributes, defects)
 
 
 @functools.lru_cache(maxsize=1)
@@ -377,7 +387,8 @@ def list_fingerprint(path):
 
 
 def rated_files(captions_file):
-    """How many files of a captions file have a rating (a third, numeric column), read without audio."""
+    """How many files of a captions file have a rating (a third, numeric column), read without
+    audio."""
     rated = 0
     for lineno, line in read_lines(captions_file, "captions"):
         cols = line.split("\t")
@@ -385,7 +396,8 @@ def rated_files(captions_file):
             try:
                 float(cols[2])
             except ValueError:
-                raise ValueError(f"{captions_file}:{lineno}: rating '{cols[2]}' is not a number") from None
+                raise ValueError(f"{captions_file}:{lineno}: rating '{cols[2]}' is not a "
+                                 "number") from None
             rated += 1
     return rated
 
@@ -398,7 +410,8 @@ def read_prompts(path):
 def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True, lines=slice(None)):
     """Clips listed in a captions file, one line per clip: `path<TAB>caption[<TAB>rating]`
     (paths relative to the captions file; `lines`: a slice of its entries). Long clips are cut into
-    non-overlapping windows of `seconds`; a clip shorter than one window is an error, never a silent skip."""
+    non-overlapping windows of `seconds`; a clip shorter than one window is an error, never a silent
+    skip."""
     root = os.path.dirname(os.path.abspath(captions_file))
     window = int(sr * seconds)
     audio, captions, ratings, files = [], [], [], []
@@ -406,7 +419,8 @@ def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True, li
         cols = line.split("\t")
         where = f"{captions_file}:{lineno}"
         if len(cols) not in (2, 3):
-            raise ValueError(f"{where}: expected 'path<TAB>caption[<TAB>rating]', got {len(cols)} columns")
+            raise ValueError(f"{where}: expected 'path<TAB>caption[<TAB>rating]', got {len(cols)} "
+                             "columns")
         if not cols[1].strip():
             raise ValueError(f"{where}: empty caption for {cols[0]}")
         rating = float("nan")
@@ -417,22 +431,26 @@ def folder_corpus(captions_file, sr, seconds, mono=True, allow_resample=True, li
                 raise ValueError(f"{where}: rating '{cols[2]}' is not a number") from None
         a = load_audio(os.path.join(root, cols[0]), sr, mono, allow_resample)
         if a.shape[1] < window:
-            raise ValueError(f"{where}: {cols[0]} is {a.shape[1] / sr:.2f} s long, shorter than one "
-                             f"{seconds} s training window")
+            raise ValueError(f"{where}: {cols[0]} is {a.shape[1] / sr:.2f} s long, shorter than "
+                             f"one {seconds} s training window")
         for start in range(0, a.shape[1] - window + 1, window):
             audio.append(a[:, start:start + window])
             captions.append(cols[1].strip())
             ratings.append(rating)
             files.append(cols[0])
     a = torch.from_numpy(np.stack(audio))
-    return Corpus(a[:, 0] if mono else a, captions, torch.tensor(ratings, dtype=torch.float32), files=files)
+    return Corpus(a[:, 0] if mono else a, captions, torch.tensor(ratings, dtype=torch.float32),
+                  files=files)
 
 
 def synthetic_args(data_cfg, split, n=None, restrict=None, p_defect=None):
-    """synthetic_corpus's arguments for a split of config section data (n clips, default n_<split>)."""
-    return (split, n if n is not None else data_cfg[f"n_{split}"], data_cfg["sample_rate"], data_cfg["clip_seconds"],
-            data_cfg["seed"], data_cfg["p_defect"] if p_defect is None else p_defect,
-            data_cfg["rated_fraction"] if split == "train" else 1.0, restrict, data_cfg["noise_floor"])
+    """synthetic_corpus's arguments for a split of config section data (n clips, default
+    n_<split>)."""
+    return (split, n if n is not None else data_cfg[f"n_{split}"], data_cfg["sample_rate"],
+            data_cfg["clip_seconds"], data_cfg["seed"],
+            data_cfg["p_defect"] if p_defect is None else p_defect,
+            data_cfg["rated_fraction"] if split == "train" else 1.0, restrict,
+            data_cfg["noise_floor"])
 
 
 def load_corpus(data_cfg, split, n=None, restrict=None, p_defect=None):
@@ -441,18 +459,21 @@ def load_corpus(data_cfg, split, n=None, restrict=None, p_defect=None):
     aesthetics head all read it in train.py); callers must not modify it."""
     if data_cfg["source"] == "synthetic":
         args = synthetic_args(data_cfg, split, n, restrict, p_defect)
-        return cached_corpus(*args) if split == "train" and restrict is None else synthetic_corpus(*args)
+        return (cached_corpus(*args) if split == "train" and restrict is None
+                else synthetic_corpus(*args))
     if data_cfg["source"] == "folder":
         path = data_cfg[f"{split}_captions"]
         if not path:
-            raise ValueError(f"data.{split}_captions must name a captions file when data.source=folder")
-        return folder_corpus(path, data_cfg["sample_rate"], data_cfg["clip_seconds"], True, data_cfg["resample"])
+            raise ValueError(f"data.{split}_captions must name a captions file when "
+                             "data.source=folder")
+        return folder_corpus(path, data_cfg["sample_rate"], data_cfg["clip_seconds"], True,
+                             data_cfg["resample"])
     raise ValueError(f"data.source must be 'synthetic' or 'folder', got {data_cfg['source']!r}")
 
 
 def corpus_chunks(data_cfg, split, size):
-    """The corpus of a split in chunks of about `size` clips (of `size` files for a folder corpus), so
-    a corpus larger than memory can be encoded piece by piece."""
+    """The corpus of a split in chunks of about `size` clips (of `size` files for a folder corpus),
+    so a corpus larger than memory can be encoded piece by piece."""
     if data_cfg["source"] == "synthetic":
         n = data_cfg[f"n_{split}"]
         for first in range(0, n, size):
@@ -462,12 +483,13 @@ def corpus_chunks(data_cfg, split, size):
     if not path:
         raise ValueError(f"data.{split}_captions must name a captions file when data.source=folder")
     for first in range(0, len(read_lines(path, "captions")), size):
-        yield folder_corpus(path, data_cfg["sample_rate"], data_cfg["clip_seconds"], True, data_cfg["resample"],
-                            slice(first, first + size))
+        yield folder_corpus(path, data_cfg["sample_rate"], data_cfg["clip_seconds"], True,
+                            data_cfg["resample"], slice(first, first + size))
 
 
 def cycled(prompts, n):
-    """n prompts from a set, cycled when the set is smaller (callers give each repeat its own noise seed)."""
+    """n prompts from a set, cycled when the set is smaller (callers give each repeat its own noise
+    seed)."""
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
@@ -478,30 +500,36 @@ def prompt_set(data_cfg, name):
     if name == "train" and data_cfg["source"] == "folder":
         path = data_cfg["train_captions"]
         if not path:
-            raise ValueError("data.train_captions must name a captions file when data.source=folder")
+            raise ValueError("data.train_captions must name a captions file when "
+                             "data.source=folder")
         rows = [(lineno, line.split("\t")) for lineno, line in read_lines(path, "captions")]
         for lineno, cols in rows:
             if len(cols) not in (2, 3) or not cols[1].strip():
-                raise ValueError(f"{path}:{lineno}: expected 'path<TAB>caption[<TAB>rating]' with a caption")
+                raise ValueError(f"{path}:{lineno}: expected 'path<TAB>caption[<TAB>rating]' with "
+                                 "a caption")
         # one prompt per line, audio not loaded
         return [cols[1].strip() for _, cols in rows]
     if name == "train":
-        return [clip_spec("train", i, data_cfg["seed"], data_cfg["p_defect"])[2] for i in range(data_cfg["n_train"])]
+        return [clip_spec("train", i, data_cfg["seed"], data_cfg["p_defect"])[2]
+                for i in range(data_cfg["n_train"])]
     if data_cfg["source"] == "folder":
         path = data_cfg[f"{name}_prompts"]
         if not path:
             raise ValueError(f"data.{name}_prompts must name a prompt file when data.source=folder")
         return read_prompts(path)
     if name == "heldout":
-        return [clip_spec("test", i, data_cfg["seed"], data_cfg["p_defect"])[2] for i in range(data_cfg["n_test"])]
+        return [clip_spec("test", i, data_cfg["seed"], data_cfg["p_defect"])[2]
+                for i in range(data_cfg["n_test"])]
     if name == "user":
         return user_prompts(data_cfg["n_test"], data_cfg["seed"])[0]
     raise ValueError(f"unknown prompt set {name!r}: expected 'train', 'heldout' or 'user'")
 
 
 def check_finite(x, where, items="clips", error=ValueError):
-    """Reject NaN/inf values with a message that names the caller and the offending items (dim 0)."""
+    """Reject NaN/inf values with a message that names the caller and the offending items
+    (dim 0)."""
     x = torch.as_tensor(x)
     bad = ~torch.isfinite(x.flatten(1) if x.dim() > 1 else x[:, None]).all(dim=1)
     if bad.any():
-        raise error(f"{where}: {items} {bad.nonzero().flatten().tolist()} contain NaN or infinite values")
+        raise error(f"{where}: {items} {bad.nonzero().flatten().tolist()} contain NaN or infinite "
+                    "values")

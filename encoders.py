@@ -25,11 +25,12 @@ def load_pretrained(cls, name_or_path, key, **kw):
         raise ValueError(f"{key} is empty: set it to a local model folder or a hub name")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     try:
-        return cls.from_pretrained(name_or_path, local_files_only=offline or os.path.isdir(name_or_path), **kw)
+        return cls.from_pretrained(name_or_path,
+                                   local_files_only=offline or os.path.isdir(name_or_path), **kw)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{key}={name_or_path!r} could not be loaded ({type(e).__name__}: {e}). "
-                                f"Give a local folder with the model files, or a hub name that is cached "
-                                f"or reachable.") from e
+        raise FileNotFoundError(f"{key}={name_or_path!r} could not be loaded ({type(e).__name__}: "
+                                f"{e}). Give a local folder with the model files, or a hub name "
+                                f"that is cached or reachable.") from e
 
 
 # =============================================================================================
@@ -52,12 +53,13 @@ def mel_filterbank(n_freqs, n_mels, sr, f_min, f_max):
 
 class MelCodec:
     """Weight-free codec: z = (ln(mel magnitude + floor) - log_mean) / log_scale, [B, n_mels, T]
-    with T = samples // hop; decoded by a non-negative inverse of the mel filters (multiplicative updates) and
-    fast Griffin-Lim (momentum 0.99) with a fixed initial phase, so decoding is deterministic.
-    Like every frozen encoder here it computes on its device and hands back CPU tensors."""
+    with T = samples // hop; decoded by a non-negative inverse of the mel filters (multiplicative
+    updates) and fast Griffin-Lim (momentum 0.99) with a fixed initial phase, so decoding is
+    deterministic. Like every frozen encoder here it computes on its device and hands back CPU
+    tensors."""
 
-    def __init__(self, sample_rate, n_mels, hop, log_mean, log_scale, griffin_lim_iters, device="cpu", n_fft=1024,
-                 f_min=30.0, f_max=8000.0, log_floor=1e-4):
+    def __init__(self, sample_rate, n_mels, hop, log_mean, log_scale, griffin_lim_iters,
+                 device="cpu", n_fft=1024, f_min=30.0, f_max=8000.0, log_floor=1e-4):
         """n_fft 1024 (64 ms at 16 kHz); mel filters from f_min to f_max (capped at Nyquist) Hz;
         ln(mel + log_floor) keeps silence finite."""
         self.device = torch.device(device)
@@ -79,15 +81,17 @@ class MelCodec:
     def encode(self, audio):
         """audio [B, samples] -> z [B, n_mels, samples // hop]."""
         check_finite(audio, "codec.encode")
-        mag = self.stft(audio.to(self.device, torch.float32)).abs()[..., : self.latent_length(audio.shape[-1])]
+        mag = self.stft(audio.to(self.device, torch.float32)).abs()[
+            ..., : self.latent_length(audio.shape[-1])]
         mel = self.fb @ mag
         return (((mel + self.log_floor).log() - self.log_mean) / self.log_scale).cpu()
 
     def decode(self, z):
-        """z [B, n_mels, T] -> audio [B, T * hop], clipped at full scale as a WAV file holds it (so the
-        rewards hear the clipping a listener hears: an unclipped decode let DRAGON raise the level).
-        On a CPU each clip is decoded alone, one Python thread per core (torch releases the GIL), so a
-        clip's audio does not depend on the batch it came in (nor a reward on how ranks split it)."""
+        """z [B, n_mels, T] -> audio [B, T * hop], clipped at full scale as a WAV file holds it (so
+        the rewards hear the clipping a listener hears: an unclipped decode let DRAGON raise the
+        level). On a CPU each clip is decoded alone, one Python thread per core (torch releases the
+        GIL), so a clip's audio does not depend on the batch it came in (nor a reward on how ranks
+        split it)."""
         z = z.to(self.device)
         if len(z) == 0:                                        # a rank with no clips
             return torch.zeros(0, z.shape[-1] * self.hop)
@@ -98,7 +102,8 @@ class MelCodec:
 
     def decode_clips(self, z):
         # clamp to the physically possible range: silence .. a full-scale tone (|STFT| <= n_fft)
-        log_mel = (z.float() * self.log_scale + self.log_mean).clamp(math.log(self.log_floor), math.log(self.n_fft))
+        log_mel = (z.float() * self.log_scale + self.log_mean).clamp(math.log(self.log_floor),
+                                                                     math.log(self.n_fft))
         mel = (log_mel.exp() - self.log_floor).clamp(min=0)
         mag = self.inverse_mel(mel)
         # STFT with center=True has T+1 frames
@@ -148,12 +153,14 @@ class EncodecCodec:
     @torch.no_grad()
     def encode(self, audio):
         check_finite(audio, "codec.encode")
-        return (self.model.encoder(audio[:, None].to(self.device, torch.float32)) * self.latent_scale).cpu()
+        return (self.model.encoder(audio[:, None].to(self.device, torch.float32))
+                * self.latent_scale).cpu()
 
     @torch.no_grad()
     def decode(self, z):
         """Audio clipped at full scale, as for the mel codec."""
-        return self.model.decoder(z.to(self.device, torch.float32) / self.latent_scale)[:, 0].clamp(-1, 1).cpu()
+        return self.model.decoder(z.to(self.device, torch.float32)
+                                  / self.latent_scale)[:, 0].clamp(-1, 1).cpu()
 
 
 def clip_latent_length(codec, data_cfg):
@@ -162,14 +169,17 @@ def clip_latent_length(codec, data_cfg):
 
 
 def make_codec(cfg, device="cpu"):
-    """The codec named by config: `mel` (offline default) or `encodec` (pretrained, from codec.path)."""
+    """The codec named by config: `mel` (offline default) or `encodec` (pretrained, from
+    codec.path)."""
     c, sr = cfg["codec"], cfg["data"]["sample_rate"]
     if c["kind"] == "mel":
-        return MelCodec(sr, c["n_mels"], c["hop"], c["log_mean"], c["log_scale"], c["griffin_lim_iters"], device)
+        return MelCodec(sr, c["n_mels"], c["hop"], c["log_mean"], c["log_scale"],
+                        c["griffin_lim_iters"], device)
     if c["kind"] == "encodec":
         codec = EncodecCodec(c["path"], c["latent_scale"], device)
         if codec.sample_rate != sr:
-            raise ValueError(f"codec.path={c['path']} works at {codec.sample_rate} Hz but data.sample_rate={sr}")
+            raise ValueError(f"codec.path={c['path']} works at {codec.sample_rate} Hz but "
+                             f"data.sample_rate={sr}")
         return codec
     raise ValueError(f"codec.kind must be 'mel' or 'encodec', got {c['kind']!r}")
 
@@ -205,11 +215,12 @@ class TextEncoder:
         path = minilm_path() if name == "minilm" else name
         self.tokenizer = load_pretrained(AutoTokenizer, path, "text_encoder.name")
         if len(self.tokenizer) < 1000:   # transformers can hand back an empty tokenizer offline
-            raise RuntimeError(f"text_encoder.name={name!r}: tokenizer has only {len(self.tokenizer)} tokens; "
-                               f"the vocabulary did not load")
+            raise RuntimeError(f"text_encoder.name={name!r}: tokenizer has only "
+                               f"{len(self.tokenizer)} tokens; the vocabulary did not load")
         config = load_pretrained(AutoConfig, path, "text_encoder.name")
         cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
-        self.model = load_pretrained(cls, path, "text_encoder.name").to(device).eval().requires_grad_(False)
+        self.model = (load_pretrained(cls, path, "text_encoder.name").to(device).eval()
+                      .requires_grad_(False))
         self.dim = config.d_model if hasattr(config, "d_model") else config.hidden_size
         self.max_tokens, self.device = max_tokens, device
         self.cache, self.warned = {}, False
@@ -223,15 +234,16 @@ class TextEncoder:
         cut = sum(n > self.max_tokens for n in lengths)
         if cut:
             self.warned = True
-            warnings.warn(f"text encoder: {cut} of {len(prompts)} prompts are longer than max_tokens={self.max_tokens} "
-                          f"tokens (longest {max(lengths)}) and are cut; raise text_encoder.max_tokens "
-                          f"to keep their ends")
+            warnings.warn(f"text encoder: {cut} of {len(prompts)} prompts are longer than "
+                          f"max_tokens={self.max_tokens} tokens (longest {max(lengths)}) and are "
+                          f"cut; raise text_encoder.max_tokens to keep their ends")
 
     @torch.no_grad()
     def encode_new(self, prompts):
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_tokens,
                                return_tensors="pt").to(self.device)
-        states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        states = self.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).last_hidden_state
         for p, s, m in zip(prompts, states.float().cpu(), batch["attention_mask"].bool().cpu()):
             self.cache[p] = s[m]
 

@@ -8,9 +8,9 @@ full inference sampler. For every reward in `eval.rewards`: the value for both m
 fine-tuned model's win rate with a 95% bootstrap interval (per prompt for instance-type rewards,
 ties count 1/2; over random prompt subsets for set rewards), and what a listener would notice in
 the same samples of both models (listen.listen: loudness, clipping, hiss, dropouts, the prompt's
-pitch register and dynamics), so that a reward gain bought by worse audio shows; and the paper's listening
-test with that listener as the voter (listen.preference on each pair of clips, ties dropped,
-human_study_stats on the votes). Writes eval.md, eval.json, win_rates.png, radar.png and
+pitch register and dynamics), so that a reward gain bought by worse audio shows; and the paper's
+listening test with that listener as the voter (listen.preference on each pair of clips, ties
+dropped, human_study_stats on the votes). Writes eval.md, eval.json, win_rates.png, radar.png and
 base-vs-fine-tuned WAV pairs next to the checkpoint.
 """
 import json
@@ -25,18 +25,20 @@ from data import cycled, prompt_set, write_wav
 from encoders import clip_latent_length, make_codec, make_text_encoder
 from listen import listen, listening_summary, paired_changes, preference
 from model import load_model
-from launch import gather, parse_args, rank_shard, setup_distributed, use_bf16
+from launch import EVAL_SEED, gather, parse_args, rank_shard, setup_distributed, use_bf16
 from sampler import generate_latents
 from rewards import build_reward_from_spec
 
 
 def human_study_stats(wins, n):
     """Paired-preference votes: win rate, exact one-sided binomial p-value for H0: rate = 1/2,
-    one-sided 95% Clopper-Pearson lower bound, and P(rate > 1/2) under a uniform Beta(1, 1) prior."""
+    one-sided 95% Clopper-Pearson lower bound, and P(rate > 1/2) under a uniform Beta(1, 1)
+    prior."""
     if not 0 <= wins <= n or n < 1:
         raise ValueError(f"need 0 <= wins <= n and n >= 1, got wins={wins}, n={n}")
     return {"win_rate": wins / n,
-            "lower_bound": float(scipy.stats.beta.ppf(0.05, wins, n - wins + 1)) if wins > 0 else 0.0,
+            "lower_bound": (float(scipy.stats.beta.ppf(0.05, wins, n - wins + 1)) if wins > 0
+                            else 0.0),
             "p_value": float(scipy.stats.binom.sf(wins - 1, n, 0.5)),
             "posterior": float(scipy.stats.beta.sf(0.5, wins + 1, n - wins + 1))}
 
@@ -60,7 +62,8 @@ def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=100, ha
     is over random halves of the n prompts. The 95% interval bootstraps the prompts themselves
     (n drawn with replacement, then halves of that resample), so it covers which prompts were
     evaluated, not only which halves were drawn. The same seed draws the same subsets for every
-    model, so a memoized set_reward_base (remembered) is computed once. Returns (rate, ci_low, ci_high)."""
+    model, so a memoized set_reward_base (remembered) is computed once. Returns (rate, ci_low,
+    ci_high)."""
     rng = np.random.default_rng(seed)
 
     def rate(prompts, draws):
@@ -96,8 +99,9 @@ def held_out(model, prompts, seeds, cfg, codec, text_encoder, reward, device, ra
     inference sampler, each rank generating, decoding and encoding its shard: their Scores, the
     set's reward (value), the audio, and what the listener hears in it (listen.listen)."""
     model.eval()
-    latents = generate_latents(model, prompts, seeds, clip_latent_length(codec, cfg["data"]), text_encoder,
-                               cfg["sampler"], device, bf16=use_bf16(cfg["dragon"], device), rank=rank, world=world)
+    latents = generate_latents(model, prompts, seeds, clip_latent_length(codec, cfg["data"]),
+                               text_encoder, cfg["sampler"], device,
+                               bf16=use_bf16(cfg["dragon"], device), rank=rank, world=world)
     s = rank_shard(len(latents), rank, world)
     audio = codec.decode(latents[s])
     features = gather(reward.features(latents[s], prompts[s], audio), world)
@@ -125,8 +129,8 @@ def plot_reward_curve(log_path, png_path, name):
         ax.plot([e["round"] for e in ref], [e["reward"] for e in ref], "x", color="tab:blue",
                 label="… by f_ref")
     if ev:
-        ax.plot([0] + [e["round"] for e in ev], [ev[0]["eval_reward_base"]] + [e["eval_reward"] for e in ev], "o-",
-                label="held-out prompts")
+        ax.plot([0] + [e["round"] for e in ev], [ev[0]["eval_reward_base"]]
+                + [e["eval_reward"] for e in ev], "o-", label="held-out prompts")
     ax.set_xlabel("DRAGON round")
     ax.set_ylabel(name)
     ax.legend()
@@ -136,8 +140,8 @@ def plot_reward_curve(log_path, png_path, name):
     ci = [[r - lo for r, (lo, _) in zip(rate, bounds)],
           [hi - r for r, (_, hi) in zip(rate, bounds)]]
     ax_win.plot([0] + [e["round"] for e in wins], [50] + rate, "-", color="tab:green")
-    ax_win.errorbar([e["round"] for e in wins], rate, yerr=ci, fmt="o", color="tab:green", capsize=3,
-                    label="95% interval over prompts")
+    ax_win.errorbar([e["round"] for e in wins], rate, yerr=ci, fmt="o", color="tab:green",
+                    capsize=3, label="95% interval over prompts")
     ax_win.legend(loc="lower right")
     ax_win.axhline(50, color="gray", ls="--", lw=1)
     ax_win.set_ylim(0, 100)
@@ -152,7 +156,7 @@ def evaluation_prompts(cfg, set_name, n=None):
     """n (default eval.n_prompts) prompts of a prompt set, cycled when the set is smaller, and their
     noise seeds: the same for every model, and each repeat of a prompt with its own noise."""
     n = cfg["eval"]["n_prompts"] if n is None else n
-    return cycled(prompt_set(cfg["data"], set_name), n), [20_000 + i for i in range(n)]
+    return cycled(prompt_set(cfg["data"], set_name), n), [EVAL_SEED + i for i in range(n)]
 
 
 def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
@@ -166,12 +170,14 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
     for set_name in ec["prompt_sets"]:
         # same noise for every model
         prompts, seeds = evaluation_prompts(cfg, set_name)
-        latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder, cfg["sampler"], device,
+        latents[set_name] = {name: generate_latents(m, prompts, seeds, T, text_encoder,
+                                                    cfg["sampler"], device,
                                                     bf16=use_bf16(cfg["dragon"], device))
                              for name, m in {"base": base, **finetuned}.items()}
         # decoded once
         audio[set_name] = {name: codec.decode(z) for name, z in latents[set_name].items()}
-        features = {}                                                     # (model, encoder) -> features
+        # (model, encoder) -> features
+        features = {}
         for spec in ec["rewards"]:
             reward = build_reward_from_spec(cfg, spec, codec)
             everyone = torch.arange(len(prompts))
@@ -191,9 +197,9 @@ def evaluate_models(cfg, base, finetuned, codec, text_encoder, device):
                 else:
                     rate, lo, hi = win_rate(ft_scores.per_example.numpy(),
                                             base_scores.per_example.numpy())
-                rows.append({"model": name, "prompts": set_name, "reward": reward.name, "type": reward.type,
-                             "base": v_base, "finetuned": v_ft, "win_rate": rate, "ci_low": lo, "ci_high": hi,
-                             "n": len(prompts)})
+                rows.append({"model": name, "prompts": set_name, "reward": reward.name,
+                             "type": reward.type, "base": v_base, "finetuned": v_ft,
+                             "win_rate": rate, "ci_low": lo, "ci_high": hi, "n": len(prompts)})
                 print(f"{name:14.14s} {set_name:8s} {reward.name:34s} base {v_base:9.4f}  "
                       f"fine-tuned {v_ft:9.4f}  win {rate:6.1%} [{lo:.1%}, {hi:.1%}]", flush=True)
     return rows, latents, audio
@@ -212,12 +218,21 @@ def listening_rows(cfg, audio, sample_rate):
         for name, report in reports.items():
             rows.append({"model": name, "prompts": set_name, **listening_summary(report)})
             if name != "base":
-                pref = preference(report, reports["base"])
-                wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
-                votes.append({"model": name, "prompts": set_name, "wins": wins, "decisive": decisive,
-                              "ties": len(pref) - decisive, **(human_study_stats(wins, decisive) if decisive else {}),
-                              "changes": paired_changes(report, reports["base"])})
+                votes.append(listening_vote(name, set_name, report, reports["base"]))
     return rows, votes
+
+
+def listening_vote(name, prompts_name, tuned_report, base_report, **extra):
+    """One model's listening test against the base model on the same prompts and noise, from the
+    listen() reports of both clip sets: its wins, decisive pairs and ties (listen.preference, ties
+    dropped), human_study_stats on the decisive pairs, and the clip-by-clip changes
+    (listen.paired_changes). `extra` entries (e.g. heard=) follow "prompts"."""
+    pref = preference(tuned_report, base_report)
+    wins, decisive = int((pref > 0).sum()), int((pref != 0).sum())
+    return {"model": name, "prompts": prompts_name, **extra, "wins": wins, "decisive": decisive,
+            "ties": len(pref) - decisive,
+            **(human_study_stats(wins, decisive) if decisive else {}),
+            "changes": paired_changes(tuned_report, base_report)}
 
 
 def votes_table(votes):
@@ -225,30 +240,32 @@ def votes_table(votes):
              "(one-sided) | 95% lower bound |",
              "| --- | --- | --- | --- | --- | --- |"]
     for v in votes:
-        stats = (f"{v['win_rate']:.1%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}" if v["decisive"]
-                 else "- | - | -")
+        stats = (f"{v['win_rate']:.1%} | {v['p_value']:.2g} | {v['lower_bound']:.1%}"
+                 if v["decisive"] else "- | - | -")
         lines.append(f"| {v['prompts']} | {v['model']} | {v['wins']} / {v['decisive']} "
                      f"({v['ties']}) | {stats} |")
     return "\n".join(lines)
 
 
 def changes_table(votes):
-    """Per prompt set, clip pairs (same prompt and noise) where only the fine-tuned clip / only the base
-    clip has a defect or matches the prompt's attribute, with McNemar's exact two-sided p."""
+    """Per prompt set, clip pairs (same prompt and noise) where only the fine-tuned clip / only the
+    base clip has a defect or matches the prompt's attribute, with McNemar's exact two-sided p."""
     names = votes[0]["changes"]
     lines = ["| prompts | model | " + " | ".join(f"{k}: tuned only / base only (p)" for k in names)
              + " |",
              "| --- " * (len(votes[0]["changes"]) + 2) + "|"]
     for v in votes:
         lines.append(f"| {v['prompts']} | {v['model']} | " + " | ".join(
-            f"{c['a_only']} / {c['b_only']} ({c['p_value']:.2g})" for c in v["changes"].values()) + " |")
+            f"{c['a_only']} / {c['b_only']} ({c['p_value']:.2g})" for c in v["changes"].values())
+            + " |")
     return "\n".join(lines)
 
 
 def listening_table(rows):
     keys = [k for k in rows[0] if k not in ("model", "prompts")]
     lines = ["| prompts | model | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"]
-    lines += [f"| {r['prompts']} | {r['model']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in rows]
+    lines += [f"| {r['prompts']} | {r['model']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -257,7 +274,8 @@ def markdown_table(rows):
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['prompts']} | {r['reward']} | {r['type']} | {r['base']:.4f} | "
-                     f"{r['finetuned']:.4f} | {r['win_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] |")
+                     f"{r['finetuned']:.4f} | {r['win_rate']:.1%} [{r['ci_low']:.1%}, "
+                     f"{r['ci_high']:.1%}] |")
     return "\n".join(lines)
 
 
@@ -321,7 +339,8 @@ def main(cfg):
     rows, _, audio = evaluate_models(cfg, base, {"finetuned": finetuned}, codec, text_encoder,
                                      device)
     heard, votes = listening_rows(cfg, audio, codec.sample_rate)
-    table = (markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n" + listening_table(heard)
+    table = (markdown_table(rows) + "\n\nWhat a listener would notice (same samples):\n\n"
+             + listening_table(heard)
              + "\n\nThe listening test (the listener prefers the clip with fewer defects, then the "
                "one matching more of the prompt's register and dynamics; ties dropped):\n\n"
              + votes_table(votes)

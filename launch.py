@@ -25,7 +25,8 @@ def set_key(cfg, dotted, value, where):
     for i, k in enumerate(keys):
         if not isinstance(node, dict) or k not in node:
             allowed = sorted(node) if isinstance(node, dict) else []
-            raise KeyError(f"{where}: unknown config key '{'.'.join(keys[:i + 1])}'; allowed here: {allowed}")
+            raise KeyError(f"{where}: unknown config key '{'.'.join(keys[:i + 1])}'; allowed here: "
+                           f"{allowed}")
         if i < len(keys) - 1:
             node = node[k]
     old = node[keys[-1]]
@@ -40,13 +41,15 @@ def set_key(cfg, dotted, value, where):
             not isinstance(old, bool) and old is not None and not isinstance(value, type(old))
             and not (isinstance(old, float) and isinstance(value, int))
             and not (isinstance(old, list) and isinstance(value, tuple))):
-        raise TypeError(f"{where}: config key '{dotted}' must be {type(old).__name__} (default {old!r}), "
-                        f"got {type(value).__name__} {value!r}")
-    node[keys[-1]] = float(value) if isinstance(old, float) and not isinstance(value, bool) else value
+        raise TypeError(f"{where}: config key '{dotted}' must be {type(old).__name__} (default "
+                        f"{old!r}), got {type(value).__name__} {value!r}")
+    node[keys[-1]] = (float(value) if isinstance(old, float) and not isinstance(value, bool)
+                      else value)
 
 
 def load_config(path, overrides=()):
-    """The config dict from `path` with `key=value` overrides (values parsed as YAML)."""
+    """The config dict from `path` with `key=value` overrides (values parsed as YAML), checked
+    once loaded: the data.* files, model.latent_channels, section dragon's values."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
@@ -57,15 +60,36 @@ def load_config(path, overrides=()):
         key, value = item.split("=", 1)
         set_key(cfg, key.strip(), yaml.safe_load(value), "command line")
     d = cfg["data"]
-    for key in ("train_captions", "valid_captions", "test_captions", "heldout_prompts", "user_prompts"):
+    for key in ("train_captions", "valid_captions", "test_captions", "heldout_prompts",
+                "user_prompts"):
         if d[key] and d["source"] != "folder":
-            raise ValueError(f"data.{key}={d[key]!r} is only read with data.source=folder (source is {d['source']!r})")
+            raise ValueError(f"data.{key}={d[key]!r} is only read with data.source=folder (source "
+                             f"is {d['source']!r})")
         if d[key] and not os.path.isfile(d[key]):
             raise FileNotFoundError(f"data.{key}: file not found: {d[key]}")
     if cfg["model"]["latent_channels"] != cfg["codec"]["n_mels"] and cfg["codec"]["kind"] == "mel":
         raise ValueError(f"model.latent_channels={cfg['model']['latent_channels']} must equal "
                          f"codec.n_mels={cfg['codec']['n_mels']}")
+    check_dragon_values(cfg["dragon"])
     return cfg
+
+
+DRAGON_CHOICES = {"loss": ("dpo", "kto"),
+                  "sets": ("paired", "unpaired", "greedy", "loo", "set_vs_set"),
+                  "lr_schedule": ("constant", "linear")}
+
+
+def check_dragon_values(dc):
+    """The values of config section dragon that need no reward (train.py checks dragon.sets
+    against the reward's type); load_config runs it, benchmark.py again after a run's overrides."""
+    for key, allowed in DRAGON_CHOICES.items():
+        if dc[key] not in allowed:
+            raise ValueError(f"dragon.{key}={dc[key]!r}: allowed values are {list(allowed)}")
+    if not 0 <= dc["p_ref"] <= 1:
+        raise ValueError(f"dragon.p_ref must be in [0, 1], got {dc['p_ref']}")
+    for key in ("beta", "kto_beta", "lr"):
+        if not dc[key] > 0:
+            raise ValueError(f"dragon.{key} must be positive, got {dc[key]}")
 
 
 def parse_args(argv):
@@ -78,8 +102,9 @@ def parse_args(argv):
 # Device and torchrun
 # =============================================================================================
 
-WAIT_TIMEOUT = datetime.timedelta(days=1)   # how long ranks wait while rank 0 fits the reward models
-_wait_group = None                         # a gloo group with that timeout (NCCL's watchdog would fire at 10 min)
+WAIT_TIMEOUT = datetime.timedelta(days=1)  # how long ranks wait while rank 0 fits the reward models
+_wait_group = None                         # a gloo group with that timeout (NCCL's watchdog would
+                                           # fire at 10 min)
 
 
 def setup_distributed(cfg, single=None):
@@ -92,25 +117,29 @@ def setup_distributed(cfg, single=None):
         raise ValueError(f"device must be auto, cpu or cuda, got {want!r}")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device=cuda but torch {torch.__version__} sees no CUDA device" + gpu_hint())
+        raise RuntimeError(f"device=cuda but torch {torch.__version__} sees no CUDA device"
+                           + gpu_hint())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and single:
-        raise SystemExit(f"{single} runs as one process (python {single} config.yaml): under torchrun every rank "
-                         f"would repeat its work and write the same files")
+        raise SystemExit(f"{single} runs as one process (python {single} config.yaml): under "
+                         f"torchrun every rank would repeat its work and write the same files")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                device_id=device if use_cuda else None)
         _wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     if rank == 0 and want == "auto":
-        log(rank, f"device: {device}" + ("" if use_cuda else gpu_hint()) + f" ({world} process(es))")
+        log(rank, f"device: {device}" + ("" if use_cuda else gpu_hint())
+            + f" ({world} process(es))")
     return rank, world, device
 
 
 def gpu_hint():
-    """A warning when the machine has an NVIDIA GPU that this torch cannot use (e.g. the CPU wheel)."""
+    """A warning when the machine has an NVIDIA GPU that this torch cannot use (e.g. the CPU
+    wheel)."""
     if not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
         return ""
     return (f"; WARNING: this machine has an NVIDIA GPU, but torch {torch.__version__} (CUDA "
@@ -142,10 +171,12 @@ def rank_shard(n, rank, world):
 
 
 def gather(x, world):
-    """Concatenate every rank's tensor along dim 0 (ranks hold rank_shard-sized pieces, maybe none)."""
+    """Concatenate every rank's tensor along dim 0 (ranks hold rank_shard-sized pieces, maybe
+    none)."""
     if world == 1:
         return x
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else x.device)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([len(x)], device=device))
     sizes = [int(s.item()) for s in sizes]
@@ -179,8 +210,14 @@ def log(rank, *args):
         tqdm.write(" ".join(str(a) for a in args))
 
 
+# Noise seeds of held-out generations: prompt i gets the seed + i, the same for every model
+TRAIN_EVAL_SEED = 10_000   # train.py's held-out checks (dragon.n_eval)
+EVAL_SEED = 20_000         # eval.py's prompt sets (eval.evaluation_prompts), apart from train.py's
+
+
 def seeded_generator(seed, step, rank=0):
     """A fresh torch.Generator per (seed, step, rank): every random draw of a training step comes
     from it, so there is no RNG state to save and a resumed run draws what the uninterrupted run
     drew. (DRAGON's rounds use rank 0 on every rank: all ranks draw the same global batch.)"""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))

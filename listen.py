@@ -12,10 +12,12 @@ import torch
 from data import attributes_from_prompt, load_corpus
 
 REGISTER_EDGES_HZ = (212.0, 600.0)   # between the median melody pitches of low / mid / high
-LOUD_PEAK = 0.25                     # 99th-percentile |sample| between soft (peaks 0.1-0.26) and loud (0.3-0.6) clips
+LOUD_PEAK = 0.25                     # 99th-percentile |sample| between soft (peaks 0.1-0.26) and
+                                     # loud (0.3-0.6) clips
 HEARD_DEFECTS = ("clipping", "hiss", "dropout")   # the defects listen() reports per clip
-READABLE = ("register", "dynamics")  # prompt attributes the listener reads back (validate_on_corpus: 99% and 92-98%);
-                                     # tempo, drums and instrument it does not (low melodies mask the kick drum)
+READABLE = ("register", "dynamics")  # prompt attributes the listener reads back
+                                     # (validate_on_corpus: 99% and 92-98%); tempo, drums and
+                                     # instrument it does not (low melodies mask the kick drum)
 
 
 def melody_pitch(audio, sr, n_fft=4096, hop=512):
@@ -36,7 +38,8 @@ def melody_pitch(audio, sr, n_fft=4096, hop=512):
 def register_of(audio, sr):
     """'low' / 'mid' / 'high' from the median melody pitch of each clip."""
     names = ["low", "mid", "high"]
-    return [names[int(f > REGISTER_EDGES_HZ[0]) + int(f > REGISTER_EDGES_HZ[1])] for f in melody_pitch(audio, sr).tolist()]
+    return [names[int(f > REGISTER_EDGES_HZ[0]) + int(f > REGISTER_EDGES_HZ[1])]
+            for f in melody_pitch(audio, sr).tolist()]
 
 
 def dynamics_of(audio):
@@ -56,7 +59,8 @@ def detect_defects(audio, sr, n_fft=512, hop=256, gap_frames=3):
                       return_complex=True).abs() ** 2
     freqs = torch.linspace(0, sr / 2, n_fft // 2 + 1)
     total = spec.sum(dim=1) + 1e-12                                                  # [B, frames]
-    floor = (spec[:, freqs > 4000].sum(dim=1) / total.mean(dim=1, keepdim=True)).quantile(0.2, dim=1)
+    floor = (spec[:, freqs > 4000].sum(dim=1)
+             / total.mean(dim=1, keepdim=True)).quantile(0.2, dim=1)
     quiet = (total / total.max(dim=1, keepdim=True).values)[:, 2:-2] < 1e-4
     run, longest = torch.zeros(len(quiet)), torch.zeros(len(quiet))
     # longest quiet run
@@ -76,13 +80,15 @@ def listen(audio, sr, prompts=None):
     audio = torch.as_tensor(audio).float()
     defects = detect_defects(audio, sr)
     full_scale = (audio.abs() >= 1.0).float().mean(1)
-    report = {"rms": audio.pow(2).mean(1).sqrt(), "full_scale": full_scale, "clipping": (full_scale > 0.01).float(),
+    report = {"rms": audio.pow(2).mean(1).sqrt(), "full_scale": full_scale,
+              "clipping": (full_scale > 0.01).float(),
               "hiss": torch.tensor([float("hiss" in d) for d in defects]),
               "dropout": torch.tensor([float("dropout" in d) for d in defects])}
     if prompts is not None:
         asked = [attributes_from_prompt(p) for p in prompts]
         for attr, heard in (("register", register_of(audio, sr)), ("dynamics", dynamics_of(audio))):
-            report[f"{attr}_match"] = torch.tensor([float(a[attr] == h) if attr in a else float("nan")
+            report[f"{attr}_match"] = torch.tensor([float(a[attr] == h) if attr in a
+                                                    else float("nan")
                                                     for a, h in zip(asked, heard)])
     return report
 
@@ -91,7 +97,8 @@ def listening_summary(report):
     """Medians / rates over clips of a listen() report: median RMS, share of all samples at full
     scale, share of clips with audible clipping / hiss / dropouts, share of register and dynamics
     matches (among prompts naming one)."""
-    out = {"median_rms": float(report["rms"].median()), "full_scale": float(report["full_scale"].mean()),
+    out = {"median_rms": float(report["rms"].median()),
+           "full_scale": float(report["full_scale"].mean()),
            **{k: float(report[k].mean()) for k in HEARD_DEFECTS}}
     for key in (f"{attr}_match" for attr in READABLE):
         if key in report:
@@ -104,7 +111,8 @@ def preference(report_a, report_b):
     """The listener's choice between clip a and clip b of the same prompt and noise, clip by clip
     (two listen() reports): +1 prefers a, -1 prefers b, 0 no preference (a tie, dropped as the
     paper drops ties). Audible defects decide first (fewer of clipping, hiss, dropout), then
-    following the prompt (more of the attributes it names that the audio matches: register, dynamics)."""
+    following the prompt (more of the attributes it names that the audio matches: register,
+    dynamics)."""
     def defects(r):
         return sum(r[d] for d in HEARD_DEFECTS)
 
@@ -141,7 +149,8 @@ def validate(audio, sr, captions, defects):
     out = {}
     for defect in ("hiss", "dropout", "clipping"):
         has = torch.tensor([defect in d for d in defects])
-        out[defect] = {"found": float(heard[defect][has].mean()), "false_alarms": float(heard[defect][~has].mean()),
+        out[defect] = {"found": float(heard[defect][has].mean()),
+                       "false_alarms": float(heard[defect][~has].mean()),
                        "clips_with_it": int(has.sum())}
     for attr in READABLE:
         m = heard[f"{attr}_match"]
@@ -154,21 +163,26 @@ def validate_on_corpus(data_cfg, codec):
     codec round trip (what the listener hears in generations has been through the codec)."""
     clips = [load_corpus(data_cfg, split) for split in ("test", "valid")]
     audio = torch.cat([c.audio for c in clips])
-    defects, captions = [d for c in clips for d in c.defects], [p for c in clips for p in c.captions]
+    defects, captions = [d for c in clips for d in c.defects], [p for c in clips
+                                                                for p in c.captions]
     return {name: validate(a, data_cfg["sample_rate"], captions, defects)
-            for name, a in (("as rendered", audio), ("codec round trip", codec.decode(codec.encode(audio))))}
+            for name, a in (("as rendered", audio),
+                            ("codec round trip", codec.decode(codec.encode(audio))))}
 
 
 def validation_table(results):
-    """Markdown table of validate() results, one row per audio version (e.g. as rendered, codec round trip)."""
+    """Markdown table of validate() results, one row per audio version (e.g. as rendered, codec
+    round trip)."""
     first = next(iter(results.values()))
     defects = [k for k in first if "found" in first[k]]
     attrs = [k for k in first if "accuracy" in first[k]]
-    lines = [f"| listener on {first[attrs[0]]['clips']} corpus clips | " + " | ".join(f"{d} found / false alarms"
-             for d in defects) + " | " + " | ".join(f"{a} accuracy" for a in attrs) + " |",
+    lines = [f"| listener on {first[attrs[0]]['clips']} corpus clips | "
+             + " | ".join(f"{d} found / false alarms" for d in defects)
+             + " | " + " | ".join(f"{a} accuracy" for a in attrs) + " |",
              "| --- " * (1 + len(defects) + len(attrs)) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[d]['found']:.2f} / {r[d]['false_alarms']:.2f} ({r[d]['clips_with_it']} "
-                                                 f"with it)" for d in defects)
+        lines.append(f"| {name} | "
+                     + " | ".join(f"{r[d]['found']:.2f} / {r[d]['false_alarms']:.2f} "
+                                  f"({r[d]['clips_with_it']} with it)" for d in defects)
                      + " | " + " | ".join(f"{r[a]['accuracy']:.3f}" for a in attrs) + " |")
     return "\n".join(lines)

@@ -45,7 +45,8 @@ SAMPLER_VARIANTS = {
     "plain CFG (cfg_rescale 0)": {"cfg_rescale": 0.0},
     "CFG++ correction 'guided'": {"cfgpp_correction": "guided"},
     "previous default: CFG++ lambda 0.5 on the high-noise half, plain CFG, 'guided'":
-        {"cfg_rescale": 0.0, "cfgpp_lambda": 0.5, "cfgpp_range": [0.0, 0.5], "cfgpp_correction": "guided"},
+        {"cfg_rescale": 0.0, "cfgpp_lambda": 0.5, "cfgpp_range": [0.0, 0.5],
+         "cfgpp_correction": "guided"},
     "no guidance (w = 1, no CFG++)": {"cfg_scale": 1.0, "cfgpp_range": [0.0, 0.0]},
     "20 steps": {"steps": 20},
     "12 steps (the previous demonstration sampler)": {"steps": 12},
@@ -61,13 +62,14 @@ def main(cfg, n=80):
     prompts = (prompt_set(cfg["data"], "heldout") * 2)[:n]
     T = clip_latent_length(codec, cfg["data"])
     t0 = time.time()
-    latents = generate_latents(model, prompts, list(range(n)), T, text_encoder, cfg["sampler"], device,
-                               bf16=use_bf16(cfg["dragon"], device))
+    latents = generate_latents(model, prompts, list(range(n)), T, text_encoder, cfg["sampler"],
+                               device, bf16=use_bf16(cfg["dragon"], device))
     t_gen = time.time() - t0
     t0 = time.time()
     codec.decode(latents)
     t_dec = time.time() - t0
-    print(f"generate {n} clips ({cfg['sampler']['steps']} steps): {t_gen:.1f}s; decode to audio: {t_dec:.1f}s")
+    print(f"generate {n} clips ({cfg['sampler']['steps']} steps): {t_gen:.1f}s; decode to audio: "
+          f"{t_dec:.1f}s")
     print(f"| reward | type | setup (one-off) s | score {n} clips s | value |")
     print("| --- | --- | --- | --- | --- |")
     for spec in cfg["eval"]["rewards"]:
@@ -77,7 +79,8 @@ def main(cfg, n=80):
         t0 = time.time()
         features = reward.features(latents, prompts)
         value = reward.set_score(features, prompts)
-        print(f"| {reward.name} | {reward.type} | {t_setup:.1f} | {time.time() - t0:.2f} | {value:.4f} |", flush=True)
+        print(f"| {reward.name} | {reward.type} | {t_setup:.1f} | {time.time() - t0:.2f} | "
+              f"{value:.4f} |", flush=True)
     sampler_variants(cfg, model, codec, text_encoder, prompts, T, device)
     if cfg["data"]["source"] == "synthetic":
         rewards_on_edited_clips(cfg, codec)
@@ -88,22 +91,26 @@ def sampler_variants(cfg, model, codec, text_encoder, prompts, T, device):
     """The base model's generations for the same prompts and noise under each sampler variant."""
     sr, n = cfg["data"]["sample_rate"], len(prompts)
     reward = build_reward(cfg, codec)
-    keys = ["median_rms", "full_scale", "clipping", "hiss", "dropout", "register_match", "dynamics_match"]
-    print(f"\n| sampler ({n} held-out prompts, same noise) | " + " | ".join(keys) + f" | {reward.name} | s |")
+    keys = ["median_rms", "full_scale", "clipping", "hiss", "dropout", "register_match",
+            "dynamics_match"]
+    print(f"\n| sampler ({n} held-out prompts, same noise) | " + " | ".join(keys)
+          + f" | {reward.name} | s |")
     print("| --- " * (len(keys) + 3) + "|")
     test = load_corpus(cfg["data"], "test", n=n)
     rt = listening_summary(listen(codec.decode(codec.encode(test.audio)), sr, test.captions))
-    print("| codec round trip of test clips | " + " | ".join(f"{rt.get(k, float('nan')):.3f}" for k in keys) + " | | |")
+    print("| codec round trip of test clips | "
+          + " | ".join(f"{rt.get(k, float('nan')):.3f}" for k in keys) + " | | |")
     for name, overrides in SAMPLER_VARIANTS.items():
         t0 = time.time()
-        latents = generate_latents(model, prompts, list(range(n)), T, text_encoder, {**cfg["sampler"], **overrides},
+        latents = generate_latents(model, prompts, list(range(n)), T, text_encoder,
+                                   {**cfg["sampler"], **overrides},
                                    device, bf16=use_bf16(cfg["dragon"], device))
         seconds = time.time() - t0
         heard = listening_summary(listen(codec.decode(latents), sr, prompts))
         r = reward.features(latents, prompts)
         value = reward.set_score(r, prompts)
-        print(f"| {name} | " + " | ".join(f"{heard[k]:.3f}" for k in keys) + f" | {value:.4f} | {seconds:.1f} |",
-              flush=True)
+        print(f"| {name} | " + " | ".join(f"{heard[k]:.3f}" for k in keys)
+              + f" | {value:.4f} | {seconds:.1f} |", flush=True)
 
 
 def silent_gap(audio, n):
@@ -114,8 +121,8 @@ def silent_gap(audio, n):
 
 
 def edited_clip_scores(cfg, codec, specs):
-    """Each reward of `specs` on the n defect-free test and validation clips, as they are and after each
-    of EDITS (through the codec, as a generation would be scored): (the clips' attributes,
+    """Each reward of `specs` on the n defect-free test and validation clips, as they are and after
+    each of EDITS (through the codec, as a generation would be scored): (the clips' attributes,
     {reward name: {version: Scores}})."""
     corpora = [load_corpus(cfg["data"], split) for split in ("test", "valid")]
     clean = [(corpus, i) for corpus in corpora for i, d in enumerate(corpus.defects) if not d]
@@ -123,22 +130,27 @@ def edited_clip_scores(cfg, codec, specs):
         raise ValueError(f"edited clips: only {len(clean)} defect-free test / validation clips")
     audio = torch.stack([corpus.audio[i] for corpus, i in clean])
     prompts = [corpus.captions[i] for corpus, i in clean]
-    versions = {"clean": audio, **{name: edit(audio, cfg["data"]["sample_rate"]) for name, edit in EDITS.items()}}
+    versions = {"clean": audio, **{name: edit(audio, cfg["data"]["sample_rate"])
+                                   for name, edit in EDITS.items()}}
     latents = {name: codec.encode(a) for name, a in versions.items()}
-    heard = {name: codec.decode(z) for name, z in latents.items()}      # decoded once, as in eval.py
-    features, out = {}, {}                                              # (version, encoder) -> features
+    # decoded once, as in eval.py
+    heard = {name: codec.decode(z) for name, z in latents.items()}
+    # (version, encoder) -> features
+    features, out = {}, {}
     for spec in specs:
         reward = build_reward_from_spec(cfg, spec, codec)
         for name, z in latents.items():
             if (name, reward.encoder) not in features:
                 features[name, reward.encoder] = reward.features(z, prompts, heard[name])
-        out[reward.name] = {name: reward.scores(features[name, reward.encoder], prompts) for name in latents}
+        out[reward.name] = {name: reward.scores(features[name, reward.encoder], prompts)
+                            for name in latents}
     return [corpus.attributes[i] for corpus, i in clean], out
 
 
 def rewards_on_edited_clips(cfg, codec):
-    """Print edited_clip_scores for eval.rewards: the clips' reward and, for instance types, the share
-    of clips the edit made score higher (a reward that scores an edit higher rewards that defect)."""
+    """Print edited_clip_scores for eval.rewards: the clips' reward and, for instance types, the
+    share of clips the edit made score higher (a reward that scores an edit higher rewards that
+    defect)."""
     attributes, scores = edited_clip_scores(cfg, codec, cfg["eval"]["rewards"])
     n = len(attributes)
     print(f"\n| reward on {n} defect-free corpus clips | " + " | ".join(["clean", *EDITS]) + " |")
@@ -165,13 +177,15 @@ def rewards_on_edited_clips(cfg, codec):
         for a, values in BY_ATTRIBUTE.items():
             for v in values:
                 members = torch.tensor([x[a] == v for x in attributes])
-                cells.append(f"{s[members].mean():.3f} ({int(members.sum())})" if members.any() else "")
+                cells.append(f"{s[members].mean():.3f} ({int(members.sum())})" if members.any()
+                             else "")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def listener_validation(cfg, codec):
     """How well listen.listen reads the synthetic world's known defects and attributes back from the
-    audio (listen.validate), on test and validation clips as rendered and after the codec round trip."""
+    audio (listen.validate), on test and validation clips as rendered and after the codec round
+    trip."""
     print("\n" + validation_table(validate_on_corpus(cfg["data"], codec)), flush=True)
 
 

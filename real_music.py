@@ -35,10 +35,11 @@ import sys
 MIDI_DIR = "/usr/share/games/openttd/baseset/openmsx"
 OGG_DIR = "/usr/share/scummvm/drascula/audio"
 SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
-PACKAGES = ["openttd-openmsx", "fluidsynth", "fluid-soundfont-gm", "drascula-music", "sox", "libsox-fmt-all"]
-GM_FAMILIES = ["piano", "chromatic percussion", "organ", "guitar", "bass", "strings", "string ensemble",
-               "brass", "reeds", "pipes", "synth lead", "synth pad", "synth effects", "ethnic instruments",
-               "percussion", "sound effects"]
+PACKAGES = ["openttd-openmsx", "fluidsynth", "fluid-soundfont-gm", "drascula-music", "sox",
+            "libsox-fmt-all"]
+GM_FAMILIES = ["piano", "chromatic percussion", "organ", "guitar", "bass", "strings",
+               "string ensemble", "brass", "reeds", "pipes", "synth lead", "synth pad",
+               "synth effects", "ethnic instruments", "percussion", "sound effects"]
 
 
 GREEDY = {"dragon.sets": "greedy"}
@@ -56,17 +57,20 @@ REAL_RUNS = {   # run name: (target reward spec, {out}: the corpus folder; train
 
 def folder_overrides(out):
     """The data.* overrides that point config.yaml at the corpus in `out`."""
-    return ["data.source=folder", f"data.train_captions={out}/train.tsv", f"data.test_captions={out}/test.tsv",
-            f"data.heldout_prompts={out}/heldout.txt", f"data.user_prompts={out}/user.txt"]
+    return ["data.source=folder", f"data.train_captions={out}/train.tsv",
+            f"data.test_captions={out}/test.tsv", f"data.heldout_prompts={out}/heldout.txt",
+            f"data.user_prompts={out}/user.txt"]
 
 
 def real_benchmark(out, overrides):
     from benchmark import benchmark
     from launch import load_config
     cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml"), [
-        *folder_overrides(out), *REAL_REWARD, "out_dir=runs/real", f"reward.reference=audio:{out}/test.tsv",
+        *folder_overrides(out), *REAL_REWARD, "out_dir=runs/real",
+        f"reward.reference=audio:{out}/test.tsv",
         "eval.rewards=[clap_score, vendi/clap]", "benchmark.listen_runs=[]", *overrides])
-    return benchmark(cfg, {name: (spec.format(out=os.path.abspath(out)), o) for name, (spec, o) in REAL_RUNS.items()
+    return benchmark(cfg, {name: (spec.format(out=os.path.abspath(out)), o)
+                           for name, (spec, o) in REAL_RUNS.items()
                            if not cfg["benchmark"]["runs"] or name in cfg["benchmark"]["runs"]})
 
 
@@ -116,7 +120,8 @@ def midi_caption(path):
     bpm, families, drums = midi_facts(path)
     tempo = "slow" if bpm < 90 else "medium tempo" if bpm < 130 else "fast"
     names = families[0] if len(families) == 1 else ", ".join(families[:-1]) + " and " + families[-1]
-    return f"{tempo} piece at {round(bpm)} bpm for {names}, " + ("with drums" if drums else "without drums")
+    return (f"{tempo} piece at {round(bpm)} bpm for {names}, "
+            + ("with drums" if drums else "without drums"))
 
 
 def run(cmd):
@@ -126,10 +131,12 @@ def run(cmd):
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
-    ap.add_argument("--install", action="store_true", help="apt-get install the Debian packages (root)")
+    ap.add_argument("--install", action="store_true",
+                    help="apt-get install the Debian packages (root)")
     ap.add_argument("--sample-rate", type=int, default=44100, help="rate the files are written at")
     ap.add_argument("--benchmark", nargs="*", metavar="KEY=VALUE",
-                    help="run the benchmark on an existing corpus in out_dir, with config overrides")
+                    help="run the benchmark on an existing corpus in out_dir, with config "
+                         "overrides")
     args = ap.parse_args(argv)
     if args.benchmark is not None:
         return real_benchmark(args.out_dir, args.benchmark)
@@ -138,7 +145,8 @@ def main(argv):
     missing = [p for p in (MIDI_DIR, OGG_DIR, SOUNDFONT) if not os.path.exists(p)] + \
               [t for t in ("fluidsynth", "sox") if shutil.which(t) is None]
     if missing:
-        raise SystemExit(f"missing {missing}: run with --install, or apt-get install {' '.join(PACKAGES)}")
+        raise SystemExit(f"missing {missing}: run with --install, or apt-get install "
+                         f"{' '.join(PACKAGES)}")
     audio_dir = os.path.join(args.out_dir, "audio")
     os.makedirs(audio_dir, exist_ok=True)
     rows = []
@@ -159,9 +167,12 @@ def main(argv):
     with open(os.path.join(args.out_dir, "heldout.txt"), "w") as f:
         f.writelines(f"{c}\n" for _, c in test)
     with open(os.path.join(args.out_dir, "user.txt"), "w") as f:
-        f.writelines(f"{p}\n" for p in ["some calm piano music", "a fast tune with drums", "an orchestral theme",
-                                         "a bluesy piece with bass and guitar", "slow strings, no drums"])
-    print(f"wrote {len(rows)} files ({len(train)} train, {len(test)} test) and captions to {args.out_dir}")
+        f.writelines(f"{p}\n" for p in ["some calm piano music", "a fast tune with drums",
+                                        "an orchestral theme",
+                                        "a bluesy piece with bass and guitar",
+                                        "slow strings, no drums"])
+    print(f"wrote {len(rows)} files ({len(train)} train, {len(test)} test) and captions to "
+          f"{args.out_dir}")
     print("use it with: python pretrain.py config.yaml " + " ".join(folder_overrides(args.out_dir))
           + " out_dir=runs/real  (the same overrides for train.py and eval.py, with "
           + " ".join(REAL_REWARD) + ")")

@@ -11,7 +11,8 @@ references may be captions (text) while the generations are audio.
 Encoders (the E of an exemplar reward), each giving frame embeddings [B, frames, d] per clip:
   latent  the generator's own codec latents, one embedding per latent frame (the paper's VAE-FAD)
   clap    CLAP window embeddings (clap.py): offline, a small audio-text model fitted here on the
-          training corpus (SmallClap); at real scale, transformers' ClapModel from a folder or hub name.
+          training corpus (SmallClap); at real scale, transformers' ClapModel from a folder or hub
+          name.
 
 Adding a reward is one builder and one row of REWARDS (at the end of this file). The cosine of a
 clip's mean embedding to an exemplar set's mean (tests/test_rewards.py checks it by hand):
@@ -40,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clap import load_or_fit_clap, reward_dir
-from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, list_fingerprint, load_corpus, rated_files
-from data import read_prompts, resample
+from clap import clap_check_split, load_or_fit_clap, reward_dir
+from data import EXEMPLAR_RESTRICT, check_finite, folder_corpus, list_fingerprint, load_corpus
+from data import rated_files, read_prompts, resample
 from model import load_or_fit
 
 # =============================================================================================
@@ -84,7 +85,8 @@ def frechet_to_reference(mu, sigma, ref):
 
 
 def gaussian_stats(frames):
-    """mean and unbiased covariance of frames [N, d] (float64), with the covariance's square root."""
+    """mean and unbiased covariance of frames [N, d] (float64), with the covariance's
+    square root."""
     x = _f64(frames)
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 frames for a covariance, got {x.shape[0]}")
@@ -161,16 +163,16 @@ def fit_aesthetics(cfg, embed_audio):
     # real data: all windows of a file fall on the same side of the split
     if corpus.files:
         files = sorted(set(unit))
-        held = {files[k] for k in torch.randperm(len(files), generator=g)[: max(1, round(VAL_FRACTION *
-                                                                                       len(files)))].tolist()}
+        held = {files[k] for k in torch.randperm(len(files), generator=g)[
+                    : max(1, round(VAL_FRACTION * len(files)))].tolist()}
         is_val = torch.tensor([u in held for u in unit])
         val, tr = is_val.nonzero().flatten(), (~is_val).nonzero().flatten()
     else:
         perm = torch.randperm(len(rated), generator=g)
         n_val = int(round(VAL_FRACTION * len(rated)))
         val, tr = perm[:n_val], perm[n_val:]
-    groups = [f"{corpus.attributes[i]['instrument']}-{corpus.attributes[i]['register']}" if corpus.attributes
-              else corpus.captions[i] for i in rated.tolist()]
+    groups = [f"{corpus.attributes[i]['instrument']}-{corpus.attributes[i]['register']}"
+              if corpus.attributes else corpus.captions[i] for i in rated.tolist()]
     best = None
     for ls in ac["lengthscales"]:
         alpha = fit_kernel_ridge(X[tr], y[tr], ls, RIDGE)
@@ -236,9 +238,10 @@ def reference_items(cfg, reference):
 def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
     """Gaussian statistics of the reference set's embeddings: audio references give frame
     embeddings, text references one CLAP text embedding per caption. Cached in out_dir/rewards
-    with metadata (encoder, windowing, sample rate, count; for a file reference its lines and the size
-    and modification time of every file it lists); reused only when that matches."""
-    meta = {"reference": reference, "encoder": encoder.identity, "n_reference": cfg["reward"]["n_reference"],
+    with metadata (encoder, windowing, sample rate, count; for a file reference its lines and the
+    size and modification time of every file it lists); reused only when that matches."""
+    meta = {"reference": reference, "encoder": encoder.identity,
+            "n_reference": cfg["reward"]["n_reference"],
             "data_seed": cfg["data"]["seed"], "source": cfg["data"]["source"]}
     if cfg["reward"]["level_rms"]:
         meta["level_rms"] = cfg["reward"]["level_rms"]
@@ -311,8 +314,8 @@ class Reward:
                          FloatingPointError)
             return Scores(None, r)
         values = self.score(features, prompts).double()
-        check_finite(values, f"reward {self.name} (a run keeps its last good checkpoint)", "examples",
-                     FloatingPointError)
+        check_finite(values, f"reward {self.name} (a run keeps its last good checkpoint)",
+                     "examples", FloatingPointError)
         return Scores(values, lambda members: values[members].mean().item())
 
     def set_score(self, features, prompts=None):
@@ -501,10 +504,8 @@ def check_reward_inputs(cfg):
         raise ValueError(f"reward.level_rms must be >= 0 (0 = clips as generated), got "
                          f"{rc['level_rms']}")
     folder = d["source"] == "folder"
-    held_out = d["valid_captions"] or d["test_captions"]
-    if encoder == "clap" and cfg["clap"]["kind"] == "small" and folder and not held_out:
-        raise ValueError("clap.kind=small on data.source=folder checks its fit on held-out files: "
-                         "set data.valid_captions or data.test_captions")
+    if encoder == "clap" and cfg["clap"]["kind"] == "small":
+        clap_check_split(d)                     # held-out files for the offline CLAP's check
     if rc["kind"] == "aesthetics" and folder:
         rated = rated_files(d["train_captions"])
         if rated < 20:
@@ -555,7 +556,8 @@ def build_reward(cfg, codec, rank=0):
 
 
 def build_reward_from_spec(cfg, spec, codec, rank=0):
-    """The reward named by a spec of eval.rewards (parse_reward); the rest of section reward as in cfg."""
+    """The reward named by a spec of eval.rewards (parse_reward); the rest of section reward as in
+    cfg."""
     c = copy.deepcopy(cfg)
     c["reward"].update(parse_reward(spec))
     return build_reward(c, codec, rank)

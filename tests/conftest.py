@@ -50,10 +50,11 @@ def tiny():
 
 
 # A micro synthetic world with a fitted offline CLAP, shared by test_clap.py and test_rewards.py
-REWARD_MICRO = ["device=cpu", "data.n_train=600", "data.n_valid=100", "data.n_test=8", "data.clip_seconds=1.0",
-                "clap.window_frames=32", "clap.hop_frames=16",
-                "codec.griffin_lim_iters=2", "clap.steps=250", "clap.batch_size=64", "clap.lr=0.003",
-                "reward.n_reference=40", "aesthetics.max_clips=300", "data.rated_fraction=1.0"]
+REWARD_MICRO = ["device=cpu", "data.n_train=600", "data.n_valid=100", "data.n_test=8",
+                "data.clip_seconds=1.0", "clap.window_frames=32", "clap.hop_frames=16",
+                "codec.griffin_lim_iters=2", "clap.steps=250", "clap.batch_size=64",
+                "clap.lr=0.003", "reward.n_reference=40", "aesthetics.max_clips=300",
+                "data.rated_fraction=1.0"]
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +73,8 @@ CLI_ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THRE
 
 
 def run_script(script, args):
-    """Run `python SCRIPT config.yaml ARGS` to the end; fails the test with its stderr when it fails."""
+    """Run `python SCRIPT config.yaml ARGS` to the end; fails the test with its stderr when it
+    fails."""
     import subprocess
     p = subprocess.run([sys.executable, script, "config.yaml", *args], cwd=ROOT, env=CLI_ENV,
                        capture_output=True, text=True)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import (ATTRIBUTES, Corpus, attributes_from_prompt, folder_corpus, list_fingerprint, load_audio, prompt_set,
-                  random_attributes, read_wav, render_clip, resample, synthetic_corpus, user_prompts, write_wav)
+from data import (ATTRIBUTES, Corpus, attributes_from_prompt, folder_corpus, list_fingerprint,
+                  load_audio, prompt_set, random_attributes, read_wav, render_clip, resample,
+                  synthetic_corpus, user_prompts, write_wav)
 
 SR = 16000
 
@@ -49,8 +50,8 @@ def test_ratings_fall_with_defect_severity(corpus):
 
 
 def render_pair(defect, severity=1.0):
-    attrs = dict(instrument="flute", register="mid", tempo="medium", density="sparse", scale="major",
-                 percussion="none", dynamics="soft", key="D")
+    attrs = dict(instrument="flute", register="mid", tempo="medium", density="sparse",
+                 scale="major", percussion="none", dynamics="soft", key="D")
     clean = render_clip(attrs, {}, SR, 2.0, np.random.default_rng(0))
     bad = render_clip(attrs, {defect: severity}, SR, 2.0, np.random.default_rng(0))
     return clean, bad
@@ -87,14 +88,16 @@ def test_prompt_sets():
         assert all(a[k] == v for k, v in attributes_from_prompt(p).items())
     with pytest.raises(ValueError, match="unknown prompt set 'nope'"):
         prompt_set(cfg, "nope")
-    train = prompt_set(dict(cfg, n_train=12), "train")               # DRAGON's prompts, without audio
+    # DRAGON's prompts, without audio
+    train = prompt_set(dict(cfg, n_train=12), "train")
     assert train == synthetic_corpus("train", 12, SR, 0.1, 0, p_defect=0.5).captions
 
 
 def test_folder_train_prompts_are_the_captions_column(tmp_path):
     (tmp_path / "caps.tsv").write_text("a.wav\tslow piano\t4\n# comment\nb.wav\t fast drums \n")
     cfg = dict(source="folder", train_captions=str(tmp_path / "caps.tsv"))
-    assert prompt_set(cfg, "train") == ["slow piano", "fast drums"]   # the audio files need not be read
+    # the audio files need not be read
+    assert prompt_set(cfg, "train") == ["slow piano", "fast drums"]
     (tmp_path / "bad.tsv").write_text("a.wav\tok\nb.wav\n")
     with pytest.raises(ValueError, match=r"bad.tsv:2: expected 'path<TAB>caption"):
         prompt_set(dict(cfg, train_captions=str(tmp_path / "bad.tsv")), "train")
@@ -104,7 +107,8 @@ def test_folder_train_prompts_are_the_captions_column(tmp_path):
 
 def test_wav_round_trip_resample_and_mono(tmp_path):
     t = np.arange(SR) / SR
-    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 440 * t)]).astype(np.float32)
+    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t),
+                       0.1 * np.sin(2 * np.pi * 440 * t)]).astype(np.float32)
     write_wav(tmp_path / "s.wav", stereo, SR)
     a, sr = read_wav(tmp_path / "s.wav")
     assert sr == SR and a.shape == (2, SR) and np.abs(a - stereo).max() < 1e-4
@@ -119,9 +123,9 @@ def test_wav_round_trip_resample_and_mono(tmp_path):
 def test_wav_sample_formats_read_as_the_same_signal(tmp_path):
     import scipy.io.wavfile
     x = 0.5 * np.sin(2 * np.pi * 440 * np.arange(800) / SR)
-    files = {"u8.wav": np.round(x * 128 + 128).astype(np.uint8),               # 8-bit WAV is unsigned
-             "i16.wav": np.round(x * 32768).astype(np.int16), "i32.wav": np.round(x * 2 ** 31).astype(np.int32),
-             "f32.wav": x.astype(np.float32)}
+    files = {"u8.wav": np.round(x * 128 + 128).astype(np.uint8),   # 8-bit WAV is unsigned
+             "i16.wav": np.round(x * 32768).astype(np.int16),
+             "i32.wav": np.round(x * 2 ** 31).astype(np.int32), "f32.wav": x.astype(np.float32)}
     for name, data in files.items():
         scipy.io.wavfile.write(tmp_path / name, SR, data)
         a, _ = read_wav(tmp_path / name)
@@ -148,7 +152,8 @@ def test_bad_audio_files_are_named(tmp_path):
 
 
 def test_folder_corpus_cuts_windows_and_names_bad_lines(tmp_path):
-    write_wav(tmp_path / "long.wav", 0.1 * np.random.default_rng(0).standard_normal(int(2.5 * SR)), SR)
+    write_wav(tmp_path / "long.wav",
+              0.1 * np.random.default_rng(0).standard_normal(int(2.5 * SR)), SR)
     write_wav(tmp_path / "short.wav", np.zeros(SR // 4), SR)
     (tmp_path / "caps.tsv").write_text("long.wav\tsoft noise\t4\n")
     c = folder_corpus(tmp_path / "caps.tsv", SR, 1.0)
@@ -177,10 +182,13 @@ def test_random_attributes_respect_restrictions():
 
 def test_list_files_report_their_own_line_numbers_and_fingerprint_their_files(tmp_path):
     write_wav(tmp_path / "a.wav", 0.1 * np.random.default_rng(0).standard_normal(SR), SR)
-    (tmp_path / "caps.tsv").write_text("# my captions\n\na.wav\tsoft noise\r\n\n# one more\nb.wav\n")
+    (tmp_path / "caps.tsv").write_text("# my captions\n\na.wav\tsoft noise\r\n\n"
+                                       "# one more\nb.wav\n")
     with pytest.raises(ValueError, match=r"caps.tsv:6: expected 'path<TAB>caption"):
         folder_corpus(tmp_path / "caps.tsv", SR, 1.0)
     before = list_fingerprint(tmp_path / "caps.tsv")
-    assert [e[0] for e in before] == ["a.wav\tsoft noise", "b.wav"] and before[1][1:] == [None, None]
-    write_wav(tmp_path / "a.wav", 0.1 * np.random.default_rng(1).standard_normal(2 * SR), SR)   # replaced audio
+    assert ([e[0] for e in before] == ["a.wav\tsoft noise", "b.wav"]
+            and before[1][1:] == [None, None])
+    # replaced audio
+    write_wav(tmp_path / "a.wav", 0.1 * np.random.default_rng(1).standard_normal(2 * SR), SR)
     assert list_fingerprint(tmp_path / "caps.tsv") != before

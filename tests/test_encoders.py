@@ -17,8 +17,8 @@ def corpus():
 
 
 def mel_codec(**kw):
-    args = dict(sample_rate=SR, n_mels=32, n_fft=1024, hop=250, f_min=30.0, f_max=8000.0, log_floor=1e-4,
-                log_mean=-4.5, log_scale=9.0, griffin_lim_iters=16)
+    args = dict(sample_rate=SR, n_mels=32, n_fft=1024, hop=250, f_min=30.0, f_max=8000.0,
+                log_floor=1e-4, log_mean=-4.5, log_scale=9.0, griffin_lim_iters=16)
     args.update(kw)
     return MelCodec(**args)
 
@@ -47,8 +47,9 @@ def test_mel_codec_shapes_scale_and_round_trip(corpus):
 
 
 def test_mel_codec_decodes_a_clip_the_same_in_any_batch(corpus):
-    """decode works clip by clip (over threads on a CPU): a clip's audio does not depend on the batch
-    it is decoded in, which is what lets ranks score their shards (same thread count, same machine)."""
+    """decode works clip by clip (over threads on a CPU): a clip's audio does not depend on the
+    batch it is decoded in, which is what lets ranks score their shards (same thread count, same
+    machine)."""
     codec, threads = mel_codec(), torch.get_num_threads()
     z = codec.encode(corpus.audio[:5])
     try:
@@ -67,8 +68,10 @@ def test_mel_codec_encodes_a_tone_in_the_right_band():
     codec = mel_codec()
     z = codec.encode((0.3 * torch.sin(2 * math.pi * 1000.0 * t))[None])
     n = codec.latent_channels + 2                                           # band edges and centres
-    hz = 700 * (10 ** (np.linspace(2595 * np.log10(1 + 30 / 700), 2595 * np.log10(1 + 8000 / 700), n) / 2595) - 1)
-    assert abs(hz[1 + z[0].mean(dim=1).argmax().item()] - 1000.0) < 120   # the band centred nearest 1 kHz
+    hz = 700 * (10 ** (np.linspace(2595 * np.log10(1 + 30 / 700),
+                                   2595 * np.log10(1 + 8000 / 700), n) / 2595) - 1)
+    # the band centred nearest 1 kHz
+    assert abs(hz[1 + z[0].mean(dim=1).argmax().item()] - 1000.0) < 120
 
 
 def test_mel_decoding_clamps_latents_to_audible_range():
@@ -106,7 +109,8 @@ def test_encodec_codec_from_a_local_tiny_random_model(tmp_path):
 def test_minilm_loads_offline_with_a_real_vocabulary(minilm):
     assert len(minilm.tokenizer) == 30522 and minilm.dim == 384
     text, mask = minilm(["slow bells", "a loud and fast guitar tune over a drum beat"])
-    n_tokens = [len(minilm.tokenizer(p)["input_ids"]) for p in ["slow bells", "a loud and fast guitar tune over a drum beat"]]
+    n_tokens = [len(minilm.tokenizer(p)["input_ids"])
+                for p in ["slow bells", "a loud and fast guitar tune over a drum beat"]]
     assert text.shape == (2, max(n_tokens), 384)
     assert mask.sum(dim=1).tolist() == n_tokens
     assert (text[0, n_tokens[0]:] == 0).all()
@@ -122,7 +126,8 @@ def test_minilm_loads_offline_with_a_real_vocabulary(minilm):
 
 def test_text_encoder_loads_a_t5_encoder_from_a_folder(tmp_path):
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
-    T5EncoderModel(T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)) \
+    T5EncoderModel(T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                            num_heads=4)) \
         .save_pretrained(tmp_path / "t5")
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(tmp_path / "t5")
     enc = TextEncoder(str(tmp_path / "t5"), 16)

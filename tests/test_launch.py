@@ -9,22 +9,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import launch
-from launch import autocast, load_config, parse_args, rank0_first, rank_shard, setup_distributed, use_bf16
+from launch import autocast, load_config, parse_args, rank0_first, rank_shard, setup_distributed
+from launch import use_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
 
 
 def test_config_overrides_and_errors():
-    cfg = load_config(CONFIG, ["pretrain.lr=0.01", "sampler.cfgpp_range=[0.1, 0.9]", "pretrain.steps=5",
-                               "sampler.cfg_scale=2"])
+    cfg = load_config(CONFIG, ["pretrain.lr=0.01", "sampler.cfgpp_range=[0.1, 0.9]",
+                               "pretrain.steps=5", "sampler.cfg_scale=2"])
     assert cfg["pretrain"]["lr"] == 0.01 and cfg["sampler"]["cfgpp_range"] == [0.1, 0.9]
     assert cfg["sampler"]["cfg_scale"] == 2.0 and isinstance(cfg["sampler"]["cfg_scale"], float)
-    with pytest.raises(KeyError, match=r"unknown config key 'pretrain.lrr'; allowed here: \[.*'lr'"):
+    with pytest.raises(KeyError, match=r"unknown config key 'pretrain.lrr'; allowed here: "
+                                       r"\[.*'lr'"):
         load_config(CONFIG, ["pretrain.lrr=1"])
     with pytest.raises(KeyError, match="unknown config key 'nosection'"):
         load_config(CONFIG, ["nosection.x=1"])
-    with pytest.raises(TypeError, match="config key 'pretrain.steps' must be int .* got str 'many'"):
+    with pytest.raises(TypeError, match="config key 'pretrain.steps' must be int .* got str "
+                                        "'many'"):
         load_config(CONFIG, ["pretrain.steps=many"])
     with pytest.raises(TypeError, match="'pretrain.resume' must be bool"):
         load_config(CONFIG, ["pretrain.resume=1"])
@@ -38,11 +41,27 @@ def test_config_overrides_and_errors():
         load_config("nope.yaml")
 
 
+def test_dragon_values_are_checked_at_load_and_name_the_key():
+    with pytest.raises(ValueError, match=r"dragon.loss='ipo': allowed values are \['dpo', 'kto'\]"):
+        load_config(CONFIG, ["dragon.loss=ipo"])
+    with pytest.raises(ValueError, match=r"dragon.sets='pairs': allowed values are \['paired', "):
+        load_config(CONFIG, ["dragon.sets=pairs"])
+    with pytest.raises(ValueError, match=r"dragon.lr_schedule='cosine': allowed values are"):
+        load_config(CONFIG, ["dragon.lr_schedule=cosine"])
+    with pytest.raises(ValueError, match=r"dragon.p_ref must be in \[0, 1\], got 2.0"):
+        load_config(CONFIG, ["dragon.p_ref=2"])
+    for key in ("beta", "kto_beta", "lr"):
+        with pytest.raises(ValueError, match=f"dragon.{key} must be positive, got 0.0"):
+            load_config(CONFIG, [f"dragon.{key}=0"])
+    load_config(CONFIG, ["dragon.p_ref=1", "dragon.loss=kto", "dragon.sets=set_vs_set"])
+
+
 def test_every_config_key_has_a_comment():
     for line in open(CONFIG):
         stripped = line.strip()
         if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
-            assert "#" in line or stripped.startswith("-"), f"config.yaml line without a comment: {line!r}"
+            assert "#" in line or stripped.startswith("-"), ("config.yaml line without a comment: "
+                                                             f"{line!r}")
 
 
 def test_usage_and_bf16_switch():
@@ -50,8 +69,10 @@ def test_usage_and_bf16_switch():
         parse_args([])
     with pytest.raises(SystemExit, match="usage"):
         parse_args(["pretrain.lr=0.1"])
-    assert not use_bf16({"bf16": True}, torch.device("cpu"))       # the config's bf16 means CUDA only
-    with autocast(torch.device("cpu"), True):                       # the resolved flag runs on the CPU too
+    # the config's bf16 means CUDA only
+    assert not use_bf16({"bf16": True}, torch.device("cpu"))
+    # the resolved flag runs on the CPU too
+    with autocast(torch.device("cpu"), True):
         y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
     assert y.dtype == torch.bfloat16
 
@@ -60,7 +81,8 @@ def test_data_files_are_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.test_captions: file not found: .*nope.tsv"):
         load_config(CONFIG, ["data.source=folder", f"data.test_captions={tmp_path}/nope.tsv"])
     (tmp_path / "t.tsv").write_text("a.wav\tx\n")
-    with pytest.raises(ValueError, match="data.valid_captions=.* is only read with data.source=folder"):
+    with pytest.raises(ValueError, match="data.valid_captions=.* is only read with "
+                                         "data.source=folder"):
         load_config(CONFIG, [f"data.valid_captions={tmp_path}/t.tsv"])
 
 
@@ -71,10 +93,11 @@ def test_rank_shards_cover_the_batch_and_may_be_empty():
 
 
 def _slow_rank0_worker(rank, world, port, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed.distributed_c10d as c10d
-    c10d.default_pg_timeout = datetime.timedelta(seconds=2)   # a short fuse, as NCCL's 10-min watchdog at scale
+    # a short fuse, as NCCL's 10-min watchdog at scale
+    c10d.default_pg_timeout = datetime.timedelta(seconds=2)
     _, _, device = setup_distributed({"device": "cpu"})
     got = rank0_first(world, rank, lambda: time.sleep(5 if rank == 0 else 0) or f"rank {rank}")
     dist.barrier()                                             # the default group is still healthy
@@ -103,6 +126,8 @@ def test_auto_device_is_named_and_a_gpu_torch_cannot_use_is_reported(monkeypatch
     monkeypatch.setattr(launch.os.path, "exists", lambda p: p == "/dev/nvidia0")
     _, _, device = setup_distributed({"device": "auto"})
     out = capsys.readouterr().out
-    assert device.type == "cpu" and "device: cpu" in out and "cannot use it: install the CUDA build" in out
-    with pytest.raises(RuntimeError, match="device=cuda but torch .* sees no CUDA device.*cannot use it"):
+    assert (device.type == "cpu" and "device: cpu" in out
+            and "cannot use it: install the CUDA build" in out)
+    with pytest.raises(RuntimeError, match="device=cuda but torch .* sees no CUDA device.*cannot "
+                                           "use it"):
         setup_distributed({"device": "cuda"})

@@ -8,7 +8,8 @@ from test_train import cfg_for
 
 
 def test_micro_measure_prints_costs_sampler_variants_and_listener_accuracy(tmp_path, capsys):
-    cfg = cfg_for(tmp_path, "eval.rewards=[fad_per_song/latent/audio:sd, vendi/latent]", "data.n_valid=10")
+    cfg = cfg_for(tmp_path, "eval.rewards=[fad_per_song/latent/audio:sd, vendi/latent]",
+                  "data.n_valid=10")
     main(cfg, n=6)
     out = capsys.readouterr().out
     assert "| fad_per_song[latent,audio:sd] | instance-to-distribution |" in out
@@ -18,12 +19,15 @@ def test_micro_measure_prints_costs_sampler_variants_and_listener_accuracy(tmp_p
         row = next(r for r in rows if r.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
         assert len(cells) == 9 and not any(math.isnan(float(c)) for c in cells), row
-    edited = next(r for r in rows if r.startswith("| fad_per_song[latent,audio:sd] |") and "higher in" in r)
-    assert len(edited.strip("|").split("|")) == 1 + 1 + len(EDITS)   # the reward, clean, one cell per edit
+    edited = next(r for r in rows if r.startswith("| fad_per_song[latent,audio:sd] |")
+                  and "higher in" in r)
+    # the reward, clean, one cell per edit
+    assert len(edited.strip("|").split("|")) == 1 + 1 + len(EDITS)
     assert "| as rendered |" in out and "| codec round trip |" in out
     by_attribute = next(r for r in rows if r.startswith("| fad_per_song[latent,audio:sd] |")
                         and "(" in r and "higher in" not in r)
-    assert len(by_attribute.strip("|").split("|")) == 1 + 5           # low / mid / high, soft / loud
+    # low / mid / high, soft / loud
+    assert len(by_attribute.strip("|").split("|")) == 1 + 5
 
 
 def test_edits_make_the_defect_they_name():
@@ -36,8 +40,8 @@ def test_edits_make_the_defect_they_name():
 
 
 PER_SONG_FAD = [f"fad_per_song/{encoder}/{reference}" for encoder, reference in
-                [("latent", "audio:alim"), ("latent", "audio:sd"), ("clap", "audio:alim"), ("clap", "audio:sd"),
-                 ("clap", "text:alim"), ("clap", "text:sd")]]
+                [("latent", "audio:alim"), ("latent", "audio:sd"), ("clap", "audio:alim"),
+                 ("clap", "audio:sd"), ("clap", "text:alim"), ("clap", "text:sd")]]
 
 
 def test_latent_per_song_fad_prefers_the_clean_clip_to_a_dropout_or_clipping(tmp_path):
@@ -59,11 +63,13 @@ def test_latent_per_song_fad_prefers_the_clean_clip_to_a_dropout_or_clipping(tmp
         for edit in EDITS:
             higher = (s[edit].per_example > s["clean"].per_example).float().mean().item()
             assert higher <= 0.1, f"{name}: '{edit}' beats the clean clip in {higher:.0%} of clips"
-    old = ["data.noise_floor=0.0", "codec.log_mean=-4.5", "codec.log_scale=9.0"]   # the world before
+    # the world before
+    old = ["data.noise_floor=0.0", "codec.log_mean=-4.5", "codec.log_scale=9.0"]
     silent = load_config(os.path.join(ROOT, "config.yaml"), micro + old)
     _, scores = edited_clip_scores(silent, make_codec(silent), PER_SONG_FAD[:1])
     s = next(iter(scores.values()))
-    assert (s["+0.25 s silent gap (a dropout)"].per_example > s["clean"].per_example).float().mean() > 0.5
+    assert (s["+0.25 s silent gap (a dropout)"].per_example
+            > s["clean"].per_example).float().mean() > 0.5
 
 
 PER_SONG_FAD = [f"fad_per_song/latent/{reference}" for reference in ("audio:alim", "audio:sd")]

@@ -14,11 +14,13 @@ SIGMAS = torch.tensor([0.002, 0.01, 0.1, 0.5, 1.0, 3.0, 80.0], dtype=torch.float
 def test_edm_weight_times_c_out_squared_is_one():
     for sigma_data in (0.5, 1.3):
         _, c_out, _, _ = edm_scalings(SIGMAS, sigma_data)
-        torch.testing.assert_close(edm_weight(SIGMAS, sigma_data) * c_out ** 2, torch.ones_like(SIGMAS))
+        torch.testing.assert_close(edm_weight(SIGMAS, sigma_data) * c_out ** 2,
+                                   torch.ones_like(SIGMAS))
 
 
 def test_edm_scalings_hand_values():
-    # sigma = sigma_d = 0.5: c_skip = 1/2, c_out = 0.25/sqrt(0.5), c_in = 1/sqrt(0.5), c_noise = ln(0.5)/4
+    # sigma = sigma_d = 0.5: c_skip = 1/2, c_out = 0.25/sqrt(0.5), c_in = 1/sqrt(0.5),
+    # c_noise = ln(0.5)/4
     c_skip, c_out, c_in, c_noise = edm_scalings(torch.tensor(0.5, dtype=torch.float64), 0.5)
     assert c_skip.item() == pytest.approx(0.5)
     assert c_out.item() == pytest.approx(0.25 / math.sqrt(0.5))
@@ -52,7 +54,8 @@ def test_loss_is_zero_for_the_exact_denoiser_of_a_point_mass():
             return -c_skip * (x_in / c_in) / c_out
     x0 = torch.zeros(3, 4, 8)
     text, mask = text_batch(3)
-    e = loss_per_example(Exact(), x0, text, mask, torch.tensor([0.1, 1.0, 10.0]), torch.randn(3, 4, 8))
+    e = loss_per_example(Exact(), x0, text, mask, torch.tensor([0.1, 1.0, 10.0]),
+                         torch.randn(3, 4, 8))
     assert e.abs().max() < 1e-8
 
 
@@ -82,7 +85,8 @@ def test_padding_mask_hides_padded_tokens():
     b = denoise(model, x, 0.7, changed, mask)
     torch.testing.assert_close(a, b)
     changed_real = text.clone()
-    changed_real[0, 0] = torch.randn(8)                          # a real token does change the output
+    # a real token does change the output
+    changed_real[0, 0] = torch.randn(8)
     assert (denoise(model, x, 0.7, changed_real, mask)[0] - a[0]).abs().max() > 1e-4
 
 
@@ -92,8 +96,10 @@ def test_null_condition_ignores_text():
     text_a, mask = text_batch(2, seed=1)
     text_b, _ = text_batch(2, seed=2)
     null = null_condition(mask)
-    torch.testing.assert_close(denoise(model, x, 1.0, text_a, null), denoise(model, x, 1.0, text_b, null))
-    assert (denoise(model, x, 1.0, text_a, mask) - denoise(model, x, 1.0, text_b, mask)).abs().max() > 1e-4
+    torch.testing.assert_close(denoise(model, x, 1.0, text_a, null),
+                               denoise(model, x, 1.0, text_b, null))
+    assert (denoise(model, x, 1.0, text_a, mask)
+            - denoise(model, x, 1.0, text_b, mask)).abs().max() > 1e-4
 
 
 def test_condition_dropout_drops_whole_prompts_at_rate_p():
@@ -135,7 +141,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model.grad_checkpointing = ckpt
         text, mask = text_batch(2)
         g = torch.Generator().manual_seed(3)
-        loss_per_example(model, torch.randn(2, 4, 8, generator=g), text, mask, torch.tensor([0.5, 2.0]),
+        loss_per_example(model, torch.randn(2, 4, 8, generator=g), text, mask,
+                         torch.tensor([0.5, 2.0]),
                          torch.randn(2, 4, 8, generator=g)).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
@@ -151,7 +158,8 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     loaded, _ = load_model(path)
     text, mask = text_batch(2)
     x = torch.randn(2, 4, 8)
-    torch.testing.assert_close(denoise(loaded.eval(), x, 0.3, text, mask), denoise(model, x, 0.3, text, mask))
+    torch.testing.assert_close(denoise(loaded.eval(), x, 0.3, text, mask),
+                               denoise(model, x, 0.3, text, mask))
 
 
 def test_bad_inputs_have_clear_errors(tmp_path):

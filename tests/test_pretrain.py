@@ -13,9 +13,10 @@ from pretrain import pretrain
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
 
-MICRO = ["device=cpu", "data.n_train=48", "data.n_test=8", "data.clip_seconds=0.5", "codec.griffin_lim_iters=2",
-         "model.width=32", "model.depth=1", "model.heads=2", "pretrain.batch_size=8", "pretrain.lr=0.003",
-         "pretrain.warmup=1", "pretrain.ema_decay=0.8", "pretrain.ckpt_every=3", "pretrain.n_check=4",
+MICRO = ["device=cpu", "data.n_train=48", "data.n_test=8", "data.clip_seconds=0.5",
+         "codec.griffin_lim_iters=2", "model.width=32", "model.depth=1", "model.heads=2",
+         "pretrain.batch_size=8", "pretrain.lr=0.003", "pretrain.warmup=1",
+         "pretrain.ema_decay=0.8", "pretrain.ckpt_every=3", "pretrain.n_check=4",
          "sampler.steps=3"]
 
 
@@ -32,7 +33,8 @@ def fixed_batch_loss(cfg, model):
     g = torch.Generator().manual_seed(0)
     sigma = torch.exp(0.4 + torch.randn(16, generator=g))
     with torch.no_grad():
-        return loss_per_example(model, x0, text, mask, sigma, torch.randn(x0.shape, generator=g)).mean().item()
+        return loss_per_example(model, x0, text, mask, sigma,
+                                torch.randn(x0.shape, generator=g)).mean().item()
 
 
 def test_micro_pretraining_lowers_the_loss_and_writes_samples(tmp_path):
@@ -42,7 +44,8 @@ def test_micro_pretraining_lowers_the_loss_and_writes_samples(tmp_path):
     assert ckpt["step"] == 40 and ckpt["text_encoder"] == "minilm"
     init = DiT(DiTConfig(**cfg["model"]))          # zero-initialised output: F = 0, D = c_skip x
     assert fixed_batch_loss(cfg, trained.eval()) < 0.8 * fixed_batch_loss(cfg, init.eval())
-    assert sorted(os.listdir(tmp_path / "samples")) == [f"pretrain_{i:02d}.wav" for i in range(4)]   # n_check
+    # n_check
+    assert sorted(os.listdir(tmp_path / "samples")) == [f"pretrain_{i:02d}.wav" for i in range(4)]
 
 
 def test_pretraining_resumes_bit_exactly(tmp_path):
@@ -61,7 +64,8 @@ def test_pretraining_resumes_bit_exactly(tmp_path):
 
 def test_kill_9_and_resume_through_the_command_line(tmp_path):
     """python pretrain.py killed with SIGKILL twice (just after its first checkpoint, and a moment
-    after a later one), then run again: the same weights, EMA and Adam state as an uninterrupted run."""
+    after a later one), then run again: the same weights, EMA and Adam state as an uninterrupted
+    run."""
     args = [*MICRO, "pretrain.steps=300", "pretrain.ckpt_every=10", "pretrain.n_check=0"]
     run_script("pretrain.py", [*args, f"out_dir={tmp_path / 'straight'}"])
     killed = [*args, f"out_dir={tmp_path / 'killed'}"]
@@ -88,5 +92,6 @@ def test_kill_9_and_resume_through_the_command_line(tmp_path):
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for k, v in a["optimizer"]["state"].items():
         assert all(torch.equal(v[n], b["optimizer"]["state"][k][n]) for n in v), k
-    base_a, base_b = load_checkpoint(tmp_path / "straight" / "base.pt"), load_checkpoint(tmp_path / "killed" / "base.pt")
+    base_a, base_b = (load_checkpoint(tmp_path / "straight" / "base.pt"),
+                      load_checkpoint(tmp_path / "killed" / "base.pt"))
     assert all(torch.equal(base_a["model"][k], base_b["model"][k]) for k in base_a["model"])

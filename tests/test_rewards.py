@@ -28,7 +28,8 @@ def test_frechet_matches_the_diagonal_closed_form():
     a, b = torch.rand(6, dtype=torch.float64) + 0.1, torch.rand(6, dtype=torch.float64) + 0.1
     mu1, mu2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     expected = ((a.sqrt() - b.sqrt()) ** 2).sum() + ((mu1 - mu2) ** 2).sum()
-    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(float(expected), rel=1e-10)
+    assert (frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b))
+            == pytest.approx(float(expected), rel=1e-10))
 
 
 @pytest.mark.parametrize("rank1,rank2", [(None, None), (3, None), (2, 4)])
@@ -37,7 +38,8 @@ def test_frechet_matches_scipy_sqrtm(rank1, rank2):
     S1, S2 = random_spd(d, rank1, 1), random_spd(d, rank2, 2)
     mu1, mu2 = np.random.default_rng(0).standard_normal((2, d))
     covmean = scipy.linalg.sqrtm(S1.numpy() @ S2.numpy()).real
-    expected = ((mu1 - mu2) ** 2).sum() + np.trace(S1.numpy()) + np.trace(S2.numpy()) - 2 * np.trace(covmean)
+    expected = (((mu1 - mu2) ** 2).sum() + np.trace(S1.numpy()) + np.trace(S2.numpy())
+                - 2 * np.trace(covmean))
     got = frechet_distance(mu1, S1.numpy(), mu2, S2.numpy())          # numpy inputs work too
     assert isinstance(got, float)
     assert got == pytest.approx(expected, abs=1e-6)
@@ -48,17 +50,20 @@ def test_fad_of_a_set_with_itself_is_zero_and_never_negative():
     st = gaussian_stats(x)
     assert abs(frechet_distance(st["mu"], st["sigma"], st["mu"], st["sigma"])) < 1e-8
     for seed in range(5):
-        y = gaussian_stats(torch.randn(3, 6, generator=torch.Generator().manual_seed(seed)))   # rank 2
+        # rank 2
+        y = gaussian_stats(torch.randn(3, 6, generator=torch.Generator().manual_seed(seed)))
         assert frechet_distance(y["mu"], y["sigma"], st["mu"], st["sigma"]) >= 0
 
 
 def test_batched_per_song_fad_equals_the_loop():
     ref = gaussian_stats(torch.randn(200, 5, dtype=torch.float64))
-    frames = torch.randn(7, 4, 5)                                       # 4 frames in 5-d: rank-deficient
+    # 4 frames in 5-d: rank-deficient
+    frames = torch.randn(7, 4, 5)
     batched = per_song_fad(frames, ref)
     for b in range(7):
         st = gaussian_stats(frames[b])
-        assert batched[b].item() == pytest.approx(-frechet_distance(st["mu"], st["sigma"], ref["mu"], ref["sigma"]),
+        assert batched[b].item() == pytest.approx(-frechet_distance(st["mu"], st["sigma"],
+                                                                    ref["mu"], ref["sigma"]),
                                                   rel=1e-5)
 
 
@@ -136,11 +141,13 @@ def test_level_rms_scales_every_clip_to_the_target_rms():
     assert torch.equal(level_normalised(audio, 0.0), audio)
 
 
-@pytest.mark.parametrize("spec", [dict(kind="clap_score"),
-                                  dict(kind="fad_per_song", encoder="latent", reference="audio:alim")])
+LATENT_PSFAD = dict(kind="fad_per_song", encoder="latent", reference="audio:alim")
+
+
+@pytest.mark.parametrize("spec", [dict(kind="clap_score"), LATENT_PSFAD])
 def test_level_rms_makes_a_reward_blind_to_loudness(world, spec):
     """The same clips at half the level: scored as they are, the reward changes; with
-    reward.level_rms > 0 it does not (reward.level_rms exists so that DRAGON cannot win by level)."""
+    reward.level_rms > 0 it does not (so that DRAGON cannot win by level)."""
     _, codec, _, _, latents, prompts = world
     audio = codec.decode(latents)
     quiet = audio * 0.5
@@ -151,7 +158,8 @@ def test_level_rms_makes_a_reward_blind_to_loudness(world, spec):
         assert torch.allclose(loud_s, quiet_s, atol=1e-4) == same, (level_rms, loud_s, quiet_s)
 
 
-@pytest.mark.parametrize("encoder,reference", [("latent", "audio:alim"), ("clap", "audio:sd"), ("clap", "text:alim")])
+@pytest.mark.parametrize("encoder,reference", [("latent", "audio:alim"), ("clap", "audio:sd"),
+                                               ("clap", "text:alim")])
 def test_per_song_fad_rewards(world, encoder, reference):
     reward, f, _ = reward_for(world, kind="fad_per_song", encoder=encoder, reference=reference)
     s = reward.score(f)
@@ -183,9 +191,11 @@ def test_reference_cache_is_reused_and_invalidated_when_the_encoder_changes(worl
     other = copy.deepcopy(cfg)
     other["codec"]["log_scale"] = 4.5                                    # a different encoder
     codec2 = make_codec(other)
-    c = reference_stats(other, LatentIdentity(other), "audio:sd", lambda x: codec2.encode(x).transpose(1, 2))
+    c = reference_stats(other, LatentIdentity(other), "audio:sd",
+                        lambda x: codec2.encode(x).transpose(1, 2))
     assert not torch.allclose(c["mu"], a["mu"])
-    assert reference_stats(cfg, LatentIdentity(cfg), "audio:sd", embed) is not None and len(calls) == 2
+    assert (reference_stats(cfg, LatentIdentity(cfg), "audio:sd", embed) is not None
+            and len(calls) == 2)
 
 
 def test_reward_bad_input(world):
@@ -216,7 +226,8 @@ def test_reward_specs_take_paths_and_names_follow_the_table():
         parse_reward("fad/latent")
     rc = {"encoder": "latent", "reference": "text:sd"}
     assert [reward_name({**rc, "kind": k}) for k in REWARDS] == [
-        "aesthetics", "clap_score", "fad_per_song[latent,text:sd]", "fad_dataset[latent,text:sd]", "vendi[latent]"]
+        "aesthetics", "clap_score", "fad_per_song[latent,text:sd]", "fad_dataset[latent,text:sd]",
+        "vendi[latent]"]
 
 
 def test_adding_a_reward_is_one_row_in_the_table(world, monkeypatch):
@@ -225,15 +236,20 @@ def test_adding_a_reward_is_one_row_in_the_table(world, monkeypatch):
 
     def cosine_to_exemplars(cfg, codec, clap, frames, ref, name, rank):
         mu = ref["mu"].float()
-        return {"score": lambda f, prompts=None: torch.nn.functional.cosine_similarity(f.mean(1), mu[None], dim=-1)}
+        return {"score": lambda f, prompts=None: torch.nn.functional.cosine_similarity(
+            f.mean(1), mu[None], dim=-1)}
     monkeypatch.setitem(rewards.REWARDS, "cosine_exemplar", ("instance-to-distribution", None, True,
                                                               cosine_to_exemplars))
-    reward, f, prompts = reward_for(world, kind="cosine_exemplar", encoder="latent", reference="audio:sd")
-    assert reward.name == "cosine_exemplar[latent,audio:sd]" and reward.type == "instance-to-distribution"
-    mu = rewards.reference_stats(world[0], LatentIdentity(world[0]), "audio:sd", None)["mu"].float()   # cached
-    expected = [float(torch.dot(x, mu) / (x.norm() * mu.norm())) for x in f.mean(1)]     # by hand, per clip
-    torch.testing.assert_close(reward.scores(f, prompts).per_example.float(), torch.tensor(expected), rtol=1e-5,
-                               atol=1e-6)
+    reward, f, prompts = reward_for(world, kind="cosine_exemplar", encoder="latent",
+                                    reference="audio:sd")
+    assert (reward.name == "cosine_exemplar[latent,audio:sd]"
+            and reward.type == "instance-to-distribution")
+    # cached
+    mu = rewards.reference_stats(world[0], LatentIdentity(world[0]), "audio:sd", None)["mu"].float()
+    # by hand, per clip
+    expected = [float(torch.dot(x, mu) / (x.norm() * mu.norm())) for x in f.mean(1)]
+    torch.testing.assert_close(reward.scores(f, prompts).per_example.float(),
+                               torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert parse_reward("cosine_exemplar/latent/audio:sd")["kind"] == "cosine_exemplar"
 
 
@@ -245,15 +261,17 @@ def test_reference_caches_keep_one_file_per_encoder_and_follow_the_listed_files(
         return lambda audio: calls.append(len(audio)) or embed(audio)
     latent = counted(lambda audio: codec.encode(audio).transpose(1, 2))
     windows = counted(lambda audio: clap.window_embeddings(codec.decode(codec.encode(audio))))
-    reference_stats(cfg, LatentIdentity(cfg), "audio:alim", latent)         # computed now or by another test
+    # computed now or by another test
+    reference_stats(cfg, LatentIdentity(cfg), "audio:alim", latent)
     reference_stats(cfg, clap, "audio:alim", windows)
     computed = len(calls)
-    for _ in range(2):                                   # alternating encoders: nothing is recomputed
+    # alternating encoders: nothing is recomputed
+    for _ in range(2):
         reference_stats(cfg, LatentIdentity(cfg), "audio:alim", latent)
         reference_stats(cfg, clap, "audio:alim", windows)
     assert len(calls) == computed <= 2
-    assert {"ref_mel_audio_alim.pt", "ref_small_audio_alim.pt"} <= set(os.listdir(os.path.join(cfg["out_dir"],
-                                                                                             "rewards")))
+    assert {"ref_mel_audio_alim.pt", "ref_small_audio_alim.pt"} <= set(
+        os.listdir(os.path.join(cfg["out_dir"], "rewards")))
     from data import synthetic_corpus, write_wav
     clips = synthetic_corpus("test", 3, 16000, 1.0, seed=5)
     for i in range(3):
@@ -261,9 +279,11 @@ def test_reference_caches_keep_one_file_per_encoder_and_follow_the_listed_files(
     ref = tmp_path / "ref.tsv"
     ref.write_text("".join(f"{i}.wav\t{clips.captions[i]}\n" for i in range(3)))
     assert reference_stats(cfg, LatentIdentity(cfg), f"audio:{ref}", latent)["count"] == 3
-    ref.write_text("0.wav\tjust one\n")                  # the list is cut: the cache must not answer
+    # the list is cut: the cache must not answer
+    ref.write_text("0.wav\tjust one\n")
     assert reference_stats(cfg, LatentIdentity(cfg), f"audio:{ref}", latent)["count"] == 1
-    write_wav(tmp_path / "silence.wav", np.zeros(16000, dtype=np.float32), 16000)   # a song's silent end
+    # a song's silent end
+    write_wav(tmp_path / "silence.wav", np.zeros(16000, dtype=np.float32), 16000)
     ref.write_text("0.wav\ta\nsilence.wav\tb\n")
     with pytest.warns(UserWarning, match=r"audio:.*ref.tsv: left out 1 silent clips of 2"):
         assert reference_stats(cfg, clap, f"audio:{ref}", windows)["count"] == 1
@@ -282,21 +302,23 @@ def test_folder_misuse_is_reported_before_any_model_is_fitted(tmp_path, monkeypa
     def no_fit(*args, **kwargs):
         raise AssertionError("a model was fitted before the data was checked")
     monkeypatch.setattr(rewards, "load_or_fit_clap", no_fit)
-    base = ["device=cpu", "data.source=folder", f"data.train_captions={train}", "data.clip_seconds=0.5",
-            f"out_dir={tmp_path / 'out'}"]
+    base = ["device=cpu", "data.source=folder", f"data.train_captions={train}",
+            "data.clip_seconds=0.5", f"out_dir={tmp_path / 'out'}"]
 
     def fails(match, *extra):
         cfg = load_config(os.path.join(ROOT, "config.yaml"), base + list(extra))
         with pytest.raises(ValueError, match=match):
             build_reward(cfg, make_codec(cfg))
     fails("clap.kind=small on data.source=folder checks its fit on held-out files")
-    fails(r"aesthetics needs 1-5 ratings of at least 20 training files, but .*train.tsv rates 0: add a rating as a "
-          r"third tab-separated column .* or use a reward that needs none: clap_score", f"data.test_captions={test}")
-    fails("text exemplars need a cross-modal encoder", "reward.kind=fad_per_song", "reward.encoder=latent",
-          f"reward.reference=text:{tmp_path / 'prompts.txt'}")
+    fails(r"aesthetics needs 1-5 ratings of at least 20 training files, but .*train.tsv rates 0: "
+          r"add a rating as a third tab-separated column .* or use a reward that needs none: "
+          r"clap_score", f"data.test_captions={test}")
+    fails("text exemplars need a cross-modal encoder", "reward.kind=fad_per_song",
+          "reward.encoder=latent", f"reward.reference=text:{tmp_path / 'prompts.txt'}")
     fails("names a synthetic exemplar set, but data.source='folder'", "reward.kind=fad_dataset",
           "reward.encoder=latent", "reward.reference=audio:sd")
     write_wav(tmp_path / "silence.wav", np.zeros(8000, dtype=np.float32), 16000)
     (tmp_path / "quiet.tsv").write_text("silence.wav\tnothing\n")
-    fails(r"audio:.*quiet.tsv: all 1 clips are silent", "reward.kind=fad_per_song", "reward.encoder=clap",
-          f"data.test_captions={test}", f"reward.reference=audio:{tmp_path / 'quiet.tsv'}")
+    fails(r"audio:.*quiet.tsv: all 1 clips are silent", "reward.kind=fad_per_song",
+          "reward.encoder=clap", f"data.test_captions={test}",
+          f"reward.reference=audio:{tmp_path / 'quiet.tsv'}")

@@ -1,7 +1,8 @@
 """The sampler against closed forms.
 
-Gaussian data x0 ~ N(mu, diag(s^2)) has the exact denoiser D(x; sigma) = mu + s^2/(s^2+sigma^2) (x - mu)
-and the probability-flow ODE dx/dsigma = (x - D)/sigma has the exact solution
+Gaussian data x0 ~ N(mu, diag(s^2)) has the exact denoiser
+D(x; sigma) = mu + s^2/(s^2+sigma^2) (x - mu) and the probability-flow ODE
+dx/dsigma = (x - D)/sigma has the exact solution
 x(sigma_b) = mu + (x(sigma_a) - mu) sqrt((s^2 + sigma_b^2) / (s^2 + sigma_a^2)).
 """
 import math
@@ -38,7 +39,8 @@ def test_karras_sigmas_endpoints_and_rho_spacing():
 
 
 def convergence_order(order, Ns=(10, 20, 40, 80, 160)):
-    x_T = torch.randn(256, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80.0
+    x_T = torch.randn(256, 4, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(0)) * 80.0
     exact = gaussian_ode(x_T, 80.0, 0.002)
     errors = []
     for N in Ns:
@@ -61,7 +63,8 @@ def test_first_order_path_is_first_order_on_gaussian_data():
 
 
 def test_first_order_step_is_the_euler_step_in_sigma():
-    # Euler on dx/dsigma = (x - D)/sigma from sigma_a to sigma_b: x + (sigma_b - sigma_a)(x - D)/sigma_a
+    # Euler on dx/dsigma = (x - D)/sigma from sigma_a to sigma_b:
+    # x + (sigma_b - sigma_a)(x - D)/sigma_a
     x = torch.randn(8, 4, dtype=torch.float64)
     out = sample_dpmpp_2m(gaussian_D, x, torch.tensor([2.0, 1.3], dtype=torch.float64), order=1)
     torch.testing.assert_close(out, x + (1.3 - 2.0) * (x - gaussian_D(x, 2.0)) / 2.0)
@@ -80,10 +83,12 @@ def test_cfgpp_with_lambda_zero_is_the_unguided_sampler():
     model = tiny_dit()
     text, mask = text_batch(3)
     noise = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
-    out = sample(model, noise, text, mask, steps=8, cfg_scale=3.0, cfgpp_lambda=0.0, cfgpp_range=(0.0, 1.0))
+    out = sample(model, noise, text, mask, steps=8, cfg_scale=3.0, cfgpp_lambda=0.0,
+                 cfgpp_range=(0.0, 1.0))
     sigmas = karras_sigmas(8, 0.002, 80.0)
     with torch.no_grad():
-        ref = sample_dpmpp_2m(lambda x, s: denoise(model, x, s, text, null_condition(mask)), noise * 80.0, sigmas)
+        ref = sample_dpmpp_2m(lambda x, s: denoise(model, x, s, text, null_condition(mask)),
+                              noise * 80.0, sigmas)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -91,7 +96,8 @@ def test_cfg_with_scale_one_is_the_conditional_sampler():
     model = tiny_dit()
     text, mask = text_batch(3)
     noise = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1))
-    out = sample(model, noise, text, mask, steps=8, cfg_scale=1.0, cfgpp_lambda=0.7, cfgpp_range=(0.0, 0.0))
+    out = sample(model, noise, text, mask, steps=8, cfg_scale=1.0, cfgpp_lambda=0.7,
+                 cfgpp_range=(0.0, 0.0))
     sigmas = karras_sigmas(8, 0.002, 80.0)
     with torch.no_grad():
         ref = sample_dpmpp_2m(lambda x, s: denoise(model, x, s, text, mask), noise * 80.0, sigmas)
@@ -120,14 +126,17 @@ def test_one_batched_forward_of_2B_per_step():
     batch_sizes = []
     model.register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
     text, mask = text_batch(3)
-    sample(model, torch.randn(3, 4, 8), text, mask, steps=5, cfg_scale=2.0, cfgpp_lambda=0.5, cfgpp_range=(0.4, 1.0))
+    sample(model, torch.randn(3, 4, 8), text, mask, steps=5, cfg_scale=2.0, cfgpp_lambda=0.5,
+           cfgpp_range=(0.4, 1.0))
     assert batch_sizes == [6] * 5
 
 
 def test_cfgpp_range_selects_steps_by_position():
     from sampler import uses_cfgpp
-    assert [uses_cfgpp(i, 10, (0.2, 0.6)) for i in range(10)] == [False] * 2 + [True] * 4 + [False] * 4
-    assert [uses_cfgpp(i, 20, (0.2, 0.6)) for i in range(20)] == [False] * 4 + [True] * 8 + [False] * 8
+    assert ([uses_cfgpp(i, 10, (0.2, 0.6)) for i in range(10)]
+            == [False] * 2 + [True] * 4 + [False] * 4)
+    assert ([uses_cfgpp(i, 20, (0.2, 0.6)) for i in range(20)]
+            == [False] * 4 + [True] * 8 + [False] * 8)
 
 
 def test_sampling_is_deterministic_and_noise_is_per_seed():
@@ -135,8 +144,8 @@ def test_sampling_is_deterministic_and_noise_is_per_seed():
     text, mask = text_batch(3)
     noise = noise_from_seeds([5, 6, 7], (4, 8))
     kw = dict(steps=6, cfg_scale=2.0, cfgpp_lambda=0.5, cfgpp_range=(0.0, 0.5))
-    torch.testing.assert_close(sample(model, noise, text, mask, **kw), sample(model, noise.clone(), text, mask, **kw),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(sample(model, noise, text, mask, **kw),
+                               sample(model, noise.clone(), text, mask, **kw), rtol=0, atol=0)
     torch.testing.assert_close(noise_from_seeds([7], (4, 8))[0], noise[2], rtol=0, atol=0)
     assert not torch.equal(noise[0], noise[1])
 
@@ -165,7 +174,8 @@ def gaussian_class_D(x, sigma, k):
 
 
 def mixture_D(x, sigma):
-    var = S2 + torch.as_tensor(sigma, dtype=torch.float64).reshape(-1) ** 2               # scalar or [B] sigma
+    # scalar or [B] sigma
+    var = S2 + torch.as_tensor(sigma, dtype=torch.float64).reshape(-1) ** 2
     logp = torch.stack([-(x - M[k]).pow(2).flatten(1).sum(1) / (2 * var) for k in (0, 1)], dim=1)
     w = logp.softmax(dim=1)
     w0, w1 = (w[:, k].reshape(-1, *[1] * (x.dim() - 1)) for k in (0, 1))
@@ -183,7 +193,8 @@ class TwoGaussianModel(torch.nn.Module):
         sigma = (4 * c_noise.double()).exp().reshape(-1, 1, 1)
         x = x_in * (sigma ** 2 + 0.25).sqrt()                                 # undo c_in
         k = (text[:, 0, 0] > 0).long()
-        D = torch.where(mask.any(1).reshape(-1, 1, 1), gaussian_class_D(x, sigma, k), mixture_D(x, sigma))
+        D = torch.where(mask.any(1).reshape(-1, 1, 1), gaussian_class_D(x, sigma, k),
+                        mixture_D(x, sigma))
         c_skip, c_out = 0.25 / (sigma ** 2 + 0.25), sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
         return ((D - c_skip * x) / c_out).float()
 
@@ -201,12 +212,14 @@ def published_sampler(x, classes, sigmas, w, lam, cfgpp_steps, correction):
             denoised, uncond_denoised = D_u + lam * (D_c - D_u), D_u
             old_denoised = None if prev is None else prev[1]
             if old_denoised is None or s_next == 0:
-                x = denoised + (x - uncond_denoised) / s * s_next            # to_d(x, sigma, D_u) * sigma_next
+                # to_d(x, sigma, D_u) * sigma_next
+                x = denoised + (x - uncond_denoised) / s * s_next
             else:
                 h = t_fn(s_next) - t_fn(s)
                 r = (t_fn(s) - t_fn(float(sigmas[i - 1]))) / h
                 newer = uncond_denoised if correction == "uncond" else denoised
-                extra1 = -math.exp(-h) * uncond_denoised - math.expm1(-h) * (newer - old_denoised) / (2 * r)
+                extra1 = (-math.exp(-h) * uncond_denoised
+                          - math.expm1(-h) * (newer - old_denoised) / (2 * r))
                 x = denoised + extra1 + math.exp(-h) * x
         else:
             denoised = D_u + w * (D_c - D_u)
@@ -242,22 +255,26 @@ def test_mode_switch_and_both_cfgpp_corrections_match_the_published_updates():
                           cfgpp_correction=correction)
                 ours = sample(TwoGaussianModel(), noise, text, mask, **kw).double()
                 pp_steps = [i for i in range(steps) if cfgpp_range[0] <= i / steps < cfgpp_range[1]]
-                ref = published_sampler(noise.double() * 80.0, classes, sigmas, 3.0, 0.5, pp_steps, correction)
+                ref = published_sampler(noise.double() * 80.0, classes, sigmas, 3.0, 0.5, pp_steps,
+                                        correction)
                 torch.testing.assert_close(ours, ref, rtol=0, atol=2e-4 * ref.abs().max().item(),
-                                           msg=f"{steps} steps, CFG++ on {cfgpp_range}, {correction}")
+                                           msg=f"{steps} steps, CFG++ on {cfgpp_range}, "
+                                               f"{correction}")
 
 
 def test_the_two_cfgpp_corrections_differ_and_agree_without_guidance():
     noise, text, mask, _ = two_gaussian_batch()
     kw = dict(steps=12, cfg_scale=3.0, cfgpp_range=(0.0, 1.0))
-    run = {c: sample(TwoGaussianModel(), noise, text, mask, cfgpp_lambda=0.5, cfgpp_correction=c, **kw)
+    run = {c: sample(TwoGaussianModel(), noise, text, mask, cfgpp_lambda=0.5,
+                     cfgpp_correction=c, **kw)
            for c in ("uncond", "guided")}
     assert (run["uncond"] - run["guided"]).abs().max() > 0.05       # the guided form adds guidance
     # at lambda = 0 both are the unguided DPM-Solver++(2M) on the mixture's exact denoiser
     sigmas = karras_sigmas(12, 0.002, 80.0)
     unguided = sample_dpmpp_2m(mixture_D, noise.double() * 80.0, sigmas)
     for c in ("uncond", "guided"):
-        out = sample(TwoGaussianModel(), noise, text, mask, cfgpp_lambda=0.0, cfgpp_correction=c, **kw)
+        out = sample(TwoGaussianModel(), noise, text, mask, cfgpp_lambda=0.0,
+                     cfgpp_correction=c, **kw)
         torch.testing.assert_close(out.double(), unguided, rtol=0, atol=1e-4)
 
 
@@ -286,11 +303,13 @@ def test_cfg_rescale_matches_the_conditional_estimates_mean_and_std():
         torch.testing.assert_close(D[b].mean(), D_c[b].mean())
         torch.testing.assert_close(D[b].std(), D_c[b].std())
         D_w = D_u[b] + 3.0 * (D_c[b] - D_u[b])
-        torch.testing.assert_close((D[b] - D[b].mean()) / D[b].std(), (D_w - D_w.mean()) / D_w.std())
+        torch.testing.assert_close((D[b] - D[b].mean()) / D[b].std(),
+                                   (D_w - D_w.mean()) / D_w.std())
     torch.testing.assert_close(cfg(D_c, D_u, 3.0, rescale=0.0)[0], D_u + 3.0 * (D_c - D_u))
     half = cfg(D_c, D_u, 3.0, rescale=0.5)[0]
     torch.testing.assert_close(half, 0.5 * D + 0.5 * (D_u + 3.0 * (D_c - D_u)))
-    torch.testing.assert_close(cfg(D_c, D_u, 1.0, rescale=1.0)[0], D_c)      # w = 1: nothing to rescale
+    # w = 1: nothing to rescale
+    torch.testing.assert_close(cfg(D_c, D_u, 1.0, rescale=1.0)[0], D_c)
 
 
 def test_bf16_autocast_path_runs_on_the_cpu_and_stays_close_to_float32():
@@ -304,7 +323,8 @@ def test_bf16_autocast_path_runs_on_the_cpu_and_stays_close_to_float32():
     model = tiny_dit()
     kw = dict(steps=6, cfg_scale=2.0, cfgpp_lambda=0.5, cfgpp_range=(0.5, 1.0))
     fp32 = generate_latents(model, ["a"] * 3, [1, 2, 3], 8, Encoder(), kw, torch.device("cpu"))
-    bf16 = generate_latents(model, ["a"] * 3, [1, 2, 3], 8, Encoder(), kw, torch.device("cpu"), bf16=True)
+    bf16 = generate_latents(model, ["a"] * 3, [1, 2, 3], 8, Encoder(), kw, torch.device("cpu"),
+                            bf16=True)
     assert fp32.dtype == bf16.dtype == torch.float32
     err = (bf16 - fp32).abs().max().item()
     assert 0 < err < 0.05 * fp32.abs().max().item()
