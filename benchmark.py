@@ -3,7 +3,8 @@
     python benchmark.py config.yaml [benchmark.runs=[aesthetics,vendi_clap]] [section.key=value ...]
 
 1. One DRAGON run per target reward configuration the paper names (TARGETS, 16), each fine-tuned
-   from the same base model with train.py for benchmark.rounds rounds under out_dir/bench_<name>.
+   from the same base model with train.py for benchmark.rounds rounds under out_dir/bench_<name>,
+   with the section's demo_steps, prompts_per_round, lr and noise_draws (run overrides win).
 2. The paper's ablations: Fig. 2 (DPO vs KTO x paired vs unpaired on aesthetics, ABLATIONS) and
    Fig. 3 (demonstration steps: the aesthetics run with more demonstration steps than the
    benchmark's benchmark.demo_steps, DEMO_STEPS, each evaluated with the inference sampler).
@@ -98,8 +99,9 @@ def run_config(cfg, name, spec, overrides):
     bc = cfg["benchmark"]
     fixed = {"dragon.rounds": bc["rounds"], "dragon.n_eval": 0, "dragon.run_name": f"bench_{name}"}
     target = {f"reward.{key}": value for key, value in parse_reward(spec).items()}
-    for key, value in {**target, "dragon.demo_steps": bc["demo_steps"], **overrides,
-                       **fixed}.items():
+    shared = {f"dragon.{key}": bc[key] for key in ("demo_steps", "prompts_per_round", "lr",
+                                                    "noise_draws")}
+    for key, value in {**target, **shared, **overrides, **fixed}.items():
         set_key(c, key, value, f"benchmark run {name}")
     check_dragon_values(c["dragon"])
     return c

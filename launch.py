@@ -90,6 +90,8 @@ def check_dragon_values(dc):
     for key in ("beta", "kto_beta", "lr"):
         if not dc[key] > 0:
             raise ValueError(f"dragon.{key} must be positive, got {dc[key]}")
+    if not (isinstance(dc["noise_draws"], int) and dc["noise_draws"] >= 1):
+        raise ValueError(f"dragon.noise_draws must be a whole number >= 1, got {dc['noise_draws']}")
 
 
 def parse_args(argv):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from data import cycled, prompt_set, write_wav
 from encoders import clip_latent_length, make_codec, make_text_encoder
 from dragon import A_theta, build_sets, dpo_loss, kto_loss, kto_reference_point, pair_up
-from dragon import per_example_errors
+from dragon import Sets, per_example_errors
 from eval import held_out, plot_reward_curve, win_rate
 from launch import autocast, finish_distributed, gather, log, parse_args, rank0_first, rank_shard
 from launch import TRAIN_EVAL_SEED, seeded_generator, setup_distributed, use_bf16, wait_for_rank0
@@ -174,6 +174,10 @@ def loss_inputs(latents, text, mask, sets, cfg, g, rank, world):
     dc, pc = cfg["dragon"], cfg["pretrain"]
     if dc["loss"] == "dpo":
         sets = pair_up(sets, g)
+    # each pair (or example) at noise_draws independent (sigma, noise): a K-sample estimate of
+    # the expectation over sigma and n in Eqs. (6) / (8) instead of a 1-sample one
+    sets = Sets(sets.pos.repeat(dc["noise_draws"]), sets.neg.repeat(dc["noise_draws"]),
+                sets.paired)
     K = len(sets.pos) if sets.paired else len(sets.pos) + len(sets.neg)
     sigma = sample_sigma(K, pc["P_mean"], pc["P_std"], g)
     noise = torch.randn((K, *latents.shape[1:]), generator=g)

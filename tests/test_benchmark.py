@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from benchmark import ALL_RUNS, TARGETS, benchmark, listening_test, selected_runs
+from benchmark import ALL_RUNS, TARGETS, benchmark, listening_test, run_config, selected_runs
 from encoders import make_codec, make_text_encoder
 from model import load_model
 from test_train import cfg_for
@@ -13,7 +13,8 @@ from test_train import cfg_for
 MICRO_CLAP = ["data.clip_seconds=1.0", "clap.window_frames=32", "clap.hop_frames=16",
               "data.n_test=12", "data.n_valid=16",
               "clap.steps=20", "clap.batch_size=16", "reward.n_reference=32", "eval.n_prompts=12",
-              "benchmark.rounds=2", "benchmark.listen_prompts=16", "eval.rewards=[vendi/latent]"]
+              "benchmark.rounds=2", "benchmark.listen_prompts=16", "eval.rewards=[vendi/latent]",
+              "benchmark.prompts_per_round=6", "benchmark.lr=0.002"]
 
 
 def test_the_run_list_names_every_configuration_and_rejects_unknown_names(tmp_path):
@@ -25,6 +26,15 @@ def test_the_run_list_names_every_configuration_and_rejects_unknown_names(tmp_pa
         selected_runs(cfg_for(tmp_path, "benchmark.runs=[aesthetics,nope]"))
     # listen_runs=[]: nothing generated
     assert listening_test(cfg_for(tmp_path), None, {}, None, None, None) == []
+
+
+def test_every_run_takes_the_benchmark_dragon_settings_unless_it_overrides_them(tmp_path):
+    cfg = cfg_for(tmp_path, "benchmark.prompts_per_round=7", "benchmark.lr=0.003",
+                  "benchmark.noise_draws=2", "benchmark.demo_steps=5", "dragon.demo_steps=9")
+    dc = run_config(cfg, "clap_score", "clap_score", {"dragon.demo_steps": 40})["dragon"]
+    assert (dc["prompts_per_round"], dc["lr"], dc["noise_draws"], dc["demo_steps"]) == (7, 0.003,
+                                                                                          2, 40)
+    assert run_config(cfg, "aesthetics", "aesthetics", {})["dragon"]["demo_steps"] == 5
 
 
 def test_micro_benchmark_writes_every_table(tmp_path):

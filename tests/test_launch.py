@@ -53,6 +53,8 @@ def test_dragon_values_are_checked_at_load_and_name_the_key():
     for key in ("beta", "kto_beta", "lr"):
         with pytest.raises(ValueError, match=f"dragon.{key} must be positive, got 0.0"):
             load_config(CONFIG, [f"dragon.{key}=0"])
+    with pytest.raises(ValueError, match="dragon.noise_draws must be a whole number >= 1, got 0"):
+        load_config(CONFIG, ["dragon.noise_draws=0"])
     load_config(CONFIG, ["dragon.p_ref=1", "dragon.loss=kto", "dragon.sets=set_vs_set"])
 
 

@@ -39,7 +39,7 @@ def base_dir(tmp_path_factory):
 
 
 UPDATE_CFG = {"dragon": {"loss": "dpo", "cond_dropout": 0.1, "loss_bf16": False, "beta": 5000.0,
-                         "kto_beta": 250.0, "grad_clip": 45.0},
+                         "kto_beta": 250.0, "grad_clip": 45.0, "noise_draws": 1},
               "pretrain": {"P_mean": -0.4, "P_std": 1.0}}
 
 
@@ -123,6 +123,26 @@ def test_pair_members_share_sigma_and_noise(loss, paired):
     assert (torch.equal(sigma[:5], sigma[5:]) == paired
             and torch.equal(noise[:5], noise[5:]) == paired)
     assert len(set(sigma[:5].tolist())) == 5 and n_terms == (5 if loss == "dpo" else 10)
+
+
+@pytest.mark.parametrize("loss,paired", [("dpo", True), ("kto", False)])
+def test_noise_draws_repeat_each_pair_at_new_sigma_and_noise(loss, paired):
+    # dragon.noise_draws=K: every pair (unpaired: every example) enters the loss K times, each
+    # time at its own sigma and noise; a pair's members still share theirs
+    latents, text, mask, sets = update_inputs()
+    cfg = copy.deepcopy(UPDATE_CFG)
+    cfg["dragon"].update(loss=loss, noise_draws=3)
+    x0, _, _, sigma, noise, is_pos, n_terms = loss_inputs(latents, text, mask,
+                                                          Sets(sets.pos, sets.neg, paired), cfg,
+                                                          torch.Generator().manual_seed(0), 0, 1)
+    order = torch.cat([sets.pos.repeat(3), sets.neg.repeat(3)])
+    assert torch.equal(x0, latents[order]) and is_pos.tolist() == [True] * 15 + [False] * 15
+    assert len(set(sigma.tolist())) == (15 if paired else 30) and n_terms == (15 if paired else 30)
+    assert torch.equal(sigma[:15], sigma[15:]) == paired
+    for k in range(5):        # the three draws of pair k differ in sigma and noise
+        draws = [k, k + 5, k + 10]
+        assert len(set(sigma[draws].tolist())) == 3
+        assert not torch.equal(noise[draws[0]], noise[draws[1]])
 
 
 def test_two_process_gloo_ddp_gives_the_same_update_and_logs_the_global_metrics(tmp_path):
