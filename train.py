@@ -168,14 +168,15 @@ def sample_prompts(train_prompts, P, g):
 
 def loss_inputs(latents, text, mask, sets, cfg, g, rank, world):
     """F7's draws: sigma from the training log-normal, noise and 10% condition dropout, drawn for
-    the global batch from the round's generator (one per pair, for DPO and KTO alike, or one per
-    unpaired example), then this rank's share: (x0, text, mask, sigma, noise, is_positive, number
-    of loss terms in the global batch). Unpaired sets are paired at random for DPO."""
+    the global batch from the round's generator (dragon.noise_draws per pair, for DPO and KTO
+    alike, or per unpaired example), then this rank's share: (x0, text, mask, sigma, noise,
+    is_positive, number of loss terms in the global batch). Unpaired sets are paired at random for
+    DPO."""
     dc, pc = cfg["dragon"], cfg["pretrain"]
     if dc["loss"] == "dpo":
         sets = pair_up(sets, g)
-    # each pair (or example) at noise_draws independent (sigma, noise): a K-sample estimate of
-    # the expectation over sigma and n in Eqs. (6) / (8) instead of a 1-sample one
+    # each pair (or example) at noise_draws independent (sigma, noise): a many-sample estimate
+    # of the expectation over sigma and n in Eqs. (6) / (8) instead of a one-sample one
     sets = Sets(sets.pos.repeat(dc["noise_draws"]), sets.neg.repeat(dc["noise_draws"]),
                 sets.paired)
     K = len(sets.pos) if sets.paired else len(sets.pos) + len(sets.neg)
