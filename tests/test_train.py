@@ -24,7 +24,8 @@ MICRO = ["device=cpu", "data.n_train=64", "data.n_test=8", "data.clip_seconds=0.
          "pretrain.ema_decay=0.8", "pretrain.steps=60", "pretrain.n_check=0", "sampler.steps=4",
          "reward.kind=fad_per_song", "reward.encoder=latent", "reward.reference=audio:sd",
          "reward.n_reference=32", "dragon.prompts_per_round=6", "dragon.demo_steps=3",
-         "dragon.n_eval=8", "dragon.eval_every=2", "dragon.ckpt_every=1", "dragon.lr=0.002"]
+         "dragon.n_eval=8", "dragon.eval_every=2", "dragon.ckpt_every=1", "dragon.lr=0.002",
+         "dragon.noise_draws=1"]
 
 
 def cfg_for(out, *extra):
