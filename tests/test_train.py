@@ -166,10 +166,16 @@ def test_two_process_gloo_ddp_gives_the_same_update_and_logs_the_global_metrics(
 def test_torchrun_two_processes_from_scratch_equal_one_process(tmp_path):
     # What a user runs: `torchrun --nproc_per_node=2 train.py config.yaml` from an empty out_dir
     # (pre-training, reward statistics fitted by rank 0 and loaded by rank 1, DRAGON), against
-    # `python train.py config.yaml`. Same base model, same DRAGON model (|dw| < 1e-4), the same
-    # global metrics in every log line; with dragon.n_eval=1 rank 1 has nothing to generate.
+    # `python train.py config.yaml`. Same base model, same DRAGON model, the same global metrics in
+    # every log line; with dragon.n_eval=1 rank 1 has nothing to generate. "Same" up to float
+    # order: the all-reduce sums the gradient in another order, and Adam's first steps move every
+    # weight by about +-lr whatever its gradient's size, so a weight whose gradient is float noise
+    # (seed=2 has 6 of 27k) may step the other way: at most 2 lr per Adam step apart, and all but
+    # 0.1% of the weights within 1e-4. A wrong shard or a rank-0-only metric moves them all.
     from conftest import CLI_ENV
-    args = [*MICRO, "dragon.rounds=2", "dragon.n_eval=1", "dragon.eval_every=1"]
+    rounds, lr = 2, 0.002
+    args = [*MICRO, f"dragon.rounds={rounds}", f"dragon.lr={lr}", "dragon.n_eval=1",
+            "dragon.eval_every=1", "seed=2"]
     one, two = tmp_path / "one", tmp_path / "two"
     for out, launcher in ((one, [sys.executable]),
                           (two, [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -179,14 +185,17 @@ def test_torchrun_two_processes_from_scratch_equal_one_process(tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
     for name in ("base.pt", "dragon/dragon.pt"):
         a, b = load_checkpoint(one / name)["model"], load_checkpoint(two / name)["model"]
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, name
+        dw = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert (dw > 1e-4).float().mean() < 1e-3 and dw.max() <= 2 * lr * rounds, name
     logs = [[json.loads(line) for line in open(out / "dragon" / "log.jsonl")] for out in (one, two)]
     assert [e["round"] for e in logs[1]] == [1, 2]
     for a, b in zip(*logs):
         for key in ("reward", "reward_pos", "reward_neg", "n_pos", "loss", "implicit_acc",
                     "saturated", "A_pos", "A_neg", "e_theta_pos", "e_ref_neg", "grad_norm",
                     "eval_reward", "eval_reward_base"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+            # round 2 follows the few weights that stepped apart (grad_norm 0.16% off)
+            rel = 1e-3 if a["round"] == 1 else 1e-2
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), key
 
 
 def ctrl_c_at_update(monkeypatch, n):
