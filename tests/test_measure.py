@@ -39,18 +39,15 @@ def test_edits_make_the_defect_they_name():
     assert (EDITS["+0.25 s silent gap (a dropout)"](torch.ones(1, 1000), 100) == 0).sum() == 25
 
 
-PER_SONG_FAD = [f"fad_per_song/{encoder}/{reference}" for encoder, reference in
-                [("latent", "audio:alim"), ("latent", "audio:sd"), ("clap", "audio:alim"),
-                 ("clap", "audio:sd"), ("clap", "text:alim"), ("clap", "text:sd")]]
+PER_SONG_FAD = [f"fad_per_song/latent/{reference}" for reference in ("audio:alim", "audio:sd")]
 
 
 def test_latent_per_song_fad_prefers_the_clean_clip_to_a_dropout_or_clipping(tmp_path):
     # A micro world at the default clip length and noise floor: both latent per-song FAD rewards
     # score a defect-free clip above the same clip with a 0.25 s silent gap and above it driven x3
     # into clipping, in at least 90% of the clips. In the world before (digital silence between
-    # notes, the codec scaled for it) the first prefers the gap: the reversal. (The CLAP variants
-    # need the full-size CLAP: a 200-step one ranks the gap above the clean clip in 0-60% of clips
-    # from seed to seed; measure.py prints their table at full size.)
+    # notes, the codec scaled for it) the first prefers the gap: the reversal. (The CLAP variants:
+    # test_clap_per_song_fad_prefers_the_clean_clip_to_clipping below.)
     from encoders import make_codec
     from launch import load_config
     from test_train import ROOT
@@ -72,4 +69,20 @@ def test_latent_per_song_fad_prefers_the_clean_clip_to_a_dropout_or_clipping(tmp
             > s["clean"].per_example).float().mean() > 0.5
 
 
-PER_SONG_FAD = [f"fad_per_song/latent/{reference}" for reference in ("audio:alim", "audio:sd")]
+CLAP_PER_SONG_FAD = [f"fad_per_song/clap/{reference}" for reference in
+                     ("audio:alim", "audio:sd", "text:alim", "text:sd")]
+
+
+def test_clap_per_song_fad_prefers_the_clean_clip_to_clipping(world):
+    # The four CLAP per-song FAD rewards on the micro world's CLAP (250 steps, 1 s clips): each
+    # scores a clean clip above the same clip driven x3 into clipping in at least 90% of the clips
+    # (94-100% on seeds 0-2). Against a 0.25 s gap they need a trained CLAP: with the full-size one
+    # measure.py measures 96-100% of 203 clips for all four; micro CLAPs give 51-100% from seed to
+    # seed, so that half of the property is not asserted here.
+    cfg, codec = world[0], world[1]
+    clips, scores = edited_clip_scores(cfg, codec, CLAP_PER_SONG_FAD)
+    assert len(clips) >= 30 and len(scores) == len(CLAP_PER_SONG_FAD)
+    for name, s in scores.items():
+        clipped = s["x3 gain, clipped at full scale"].per_example
+        higher = (clipped > s["clean"].per_example).float().mean().item()
+        assert higher <= 0.1, f"{name}: the clipped clip beats the clean one in {higher:.0%}"
