@@ -193,9 +193,7 @@ def test_torchrun_two_processes_from_scratch_equal_one_process(tmp_path):
         for key in ("reward", "reward_pos", "reward_neg", "n_pos", "loss", "implicit_acc",
                     "saturated", "A_pos", "A_neg", "e_theta_pos", "e_ref_neg", "grad_norm",
                     "eval_reward", "eval_reward_base"):
-            # round 2 follows the few weights that stepped apart (seed=2: grad_norm 0.06% off)
-            rel = 1e-3 if a["round"] == 1 else 1e-2
-            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), key
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
 
 
 def ctrl_c_at_update(monkeypatch, n):
