@@ -59,21 +59,24 @@ def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=100, ha
                  seed=0):
     """Set rewards score a whole set, not a prompt. The fine-tuned model wins a subset of prompts
     when its set reward on them beats the base model's on the same prompts (ties 1/2); the win rate
-    is over random halves of the n prompts. The 95% interval bootstraps the prompts themselves
-    (n drawn with replacement, then halves of that resample), so it covers which prompts were
-    evaluated, not only which halves were drawn. The same seed draws the same subsets for every
-    model, so a memoized set_reward_base (remembered) is computed once. Returns (rate, ci_low,
-    ci_high)."""
+    is over random halves of the n prompts. The 95% interval bootstraps the prompts themselves (n
+    drawn with replacement, then halves of that resample's distinct prompts, all of them when fewer
+    than n // 2), so it covers which prompts were evaluated, not only which halves were drawn. A
+    half never holds a clip twice, as no real half does: a repeated clip shrinks a set's effective
+    size, which makes its FAD noisier and pulls every bootstrap win rate toward 1/2. The same seed
+    draws the same subsets for every model, so a memoized set_reward_base (remembered) is computed
+    once. Returns (rate, ci_low, ci_high)."""
     rng = np.random.default_rng(seed)
 
     def rate(prompts, draws):
         wins = []
         for _ in range(draws):
-            members = torch.from_numpy(rng.choice(prompts, size=n // 2, replace=False))
+            members = torch.from_numpy(rng.choice(prompts, size=min(n // 2, len(prompts)),
+                                                  replace=False))
             a, b = set_reward_ft(members), set_reward_base(members)
             wins.append(1.0 if a > b else 0.5 if a == b else 0.0)
         return float(np.mean(wins))
-    boot = [rate(rng.choice(n, size=n), halves_per_boot) for _ in range(n_boot)]
+    boot = [rate(np.unique(rng.choice(n, size=n)), halves_per_boot) for _ in range(n_boot)]
     low, high = np.percentile(boot, [2.5, 97.5])
     return rate(np.arange(n), n_halves), float(low), float(high)
 

@@ -70,6 +70,17 @@ def test_the_base_models_set_reward_is_computed_once_for_every_model():
     assert second == (0.0, 0.0, 0.0) and len(calls) == distinct
 
 
+def test_set_win_rate_halves_hold_distinct_prompts_in_the_bootstrap_too():
+    # A real half holds n // 2 different prompts, and so must every half of a bootstrap resample
+    # (which repeats prompts): a repeated clip would shrink the set's effective size, make its FAD
+    # noisier than a real half's and pull every bootstrap win rate toward 1/2.
+    seen = []
+    set_win_rate(lambda m: seen.append(m.tolist()) or float(m.sum()), lambda m: 0.0, 40,
+                 n_halves=20, n_boot=30, halves_per_boot=5)
+    assert len(seen) == 20 + 30 * 5
+    assert all(len(s) == 20 and len(set(s)) == 20 for s in seen)
+
+
 def test_set_win_rate_interval_covers_prompt_sampling():
     # Two models with the same distribution of per-prompt quality: the true win rate is 1/2. Each
     # trial evaluates a fresh draw of 40 prompts; its interval must cover 1/2 in most trials (95%
