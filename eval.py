@@ -65,28 +65,28 @@ def set_win_rate(set_reward_ft, set_reward_base, n, n_halves=200, n_boot=100, ha
     half never holds a clip twice, as no real half does: a repeated clip shrinks a set's effective
     size, which makes its FAD noisier and pulls every bootstrap win rate toward 1/2. The same seed
     draws the same subsets for every model, so a memoized set_reward_base (remembered) is computed
-    once. Returns (rate, ci_low, ci_high)."""
+    once. set_reward_ft / set_reward_base score a batch of subsets, members [K, m] -> [K], as
+    Scores.of does. Returns (rate, ci_low, ci_high)."""
     rng = np.random.default_rng(seed)
 
     def rate(prompts, draws):
-        wins = []
-        for _ in range(draws):
-            members = torch.from_numpy(rng.choice(prompts, size=min(n // 2, len(prompts)),
-                                                  replace=False))
-            a, b = set_reward_ft(members), set_reward_base(members)
-            wins.append(1.0 if a > b else 0.5 if a == b else 0.0)
-        return float(np.mean(wins))
+        size = min(n // 2, len(prompts))
+        subsets = torch.from_numpy(np.stack([rng.choice(prompts, size=size, replace=False)
+                                             for _ in range(draws)]))
+        # [draws] rewards of each model, one batched call each
+        a, b = np.asarray(set_reward_ft(subsets)), np.asarray(set_reward_base(subsets))
+        return float(np.mean((a > b) + 0.5 * (a == b)))
     boot = [rate(np.unique(rng.choice(n, size=n)), halves_per_boot) for _ in range(n_boot)]
     low, high = np.percentile(boot, [2.5, 97.5])
     return rate(np.arange(n), n_halves), float(low), float(high)
 
 
 def remembered(set_reward):
-    """set_reward(members), computed once per distinct member set."""
+    """set_reward(members), computed once per distinct member set (or batch of sets)."""
     cache = {}
 
     def of(members):
-        key = tuple(members.tolist())
+        key = (tuple(members.shape), tuple(members.flatten().tolist()))
         if key not in cache:
             cache[key] = set_reward(members)
         return cache[key]

@@ -97,11 +97,12 @@ def gaussian_stats(frames):
 
 def vendi_score(embeddings):
     """Vendi (q = 1): exp(-sum lambda log lambda), lambda = eig(K / n), K the cosine kernel of the
-    L2-normalised embeddings [n, d]."""
-    x = F.normalize(_f64(embeddings), dim=1)
-    lam = torch.linalg.eigvalsh(x @ x.T / x.shape[0]).clamp(min=0)
-    lam = lam[lam > 1e-12]
-    return float(torch.exp(-(lam * lam.log()).sum()))
+    L2-normalised embeddings [n, d]; embeddings [S, n, d]: the S sets' scores [S], one batched
+    eigendecomposition."""
+    x = F.normalize(_f64(embeddings), dim=-1)
+    lam = torch.linalg.eigvalsh(x @ x.transpose(-1, -2) / x.shape[-2]).clamp(min=0)
+    entropy = -torch.where(lam > 1e-12, lam * lam.log(), 0.0).sum(-1)
+    return float(entropy.exp()) if x.dim() == 2 else entropy.exp()
 
 
 # =============================================================================================
@@ -281,7 +282,8 @@ class Scores:
     """A reward's verdict on a batch of demonstrations. per_example [B]: r of each clip (instance
     types; None for set types). of(members) -> r(S) of the members (an index tensor into the
     batch): the mean of per_example for instance types, the set reward itself for distribution
-    types, so "the reward of D+" means one thing for every type."""
+    types, so "the reward of D+" means one thing for every type; of(members [K, m]) -> the K
+    sets' rewards [K] in one batched call."""
     per_example: object
     of: object
 
@@ -316,7 +318,10 @@ class Reward:
         values = self.score(features, prompts).double()
         check_finite(values, f"reward {self.name} (a run keeps its last good checkpoint)",
                      "examples", FloatingPointError)
-        return Scores(values, lambda members: values[members].mean().item())
+        def of(members):
+            r = values[members].mean(-1)
+            return r.item() if members.dim() == 1 else r
+        return Scores(values, of)
 
     def set_score(self, features, prompts=None):
         """r of the whole batch (the mean over clips for instance types)."""
@@ -406,11 +411,18 @@ def set_stats(frames):
 
 
 def fad_from_stats(stats, members, ref):
-    """-FAD of the pooled frames of the member examples (an index tensor) against the reference."""
-    n, s, ss = stats["n"][members].sum(), stats["s"][members].sum(0), stats["ss"][members].sum(0)
-    mu = s / n
-    sigma = (ss - n * torch.outer(mu, mu)) / (n - 1)
-    return -float(frechet_to_reference(mu[None], sigma[None], ref)[0])
+    """-FAD of the pooled frames of the member examples (an index tensor [m]) against the
+    reference; members [S, m]: the S sets' -FAD [S], one batched eigendecomposition."""
+    sets = members.reshape(-1, members.shape[-1])
+    # [S, B]: how often each example is in each set, so the pooled sums are one matrix product
+    w = torch.zeros(len(sets), len(stats["n"]), dtype=torch.float64).scatter_add_(
+        1, sets, torch.ones(sets.shape, dtype=torch.float64))
+    n, s = w @ stats["n"], w @ stats["s"]
+    ss = (w @ stats["ss"].flatten(1)).view(-1, *stats["ss"].shape[1:])
+    mu = s / n[:, None]
+    sigma = (ss - n[:, None, None] * mu[:, :, None] * mu[:, None, :]) / (n - 1)[:, None, None]
+    fad = frechet_to_reference(mu, sigma, ref)
+    return -float(fad[0]) if members.dim() == 1 else -fad
 
 
 # One table: each reward kind, its paper type, the encoder it uses (None: reward.encoder) and

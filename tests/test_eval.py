@@ -50,21 +50,22 @@ def test_win_rate_counts_ties_as_half_and_brackets_the_rate():
 
 def test_set_win_rate_for_a_clearly_better_set():
     good, bad = torch.rand(40) + 1.0, torch.rand(40)
-    rate, lo, hi = set_win_rate(lambda m: float(good[m].mean()), lambda m: float(bad[m].mean()), 40)
+    rate, lo, hi = set_win_rate(lambda m: good[m].mean(-1), lambda m: bad[m].mean(-1), 40)
     assert rate == 1.0 and lo == 1.0
-    rate, lo, hi = set_win_rate(lambda m: 1.0, lambda m: 1.0, 40)
+    rate, lo, hi = set_win_rate(lambda m: torch.ones(len(m)), lambda m: torch.ones(len(m)), 40)
     assert (rate, lo, hi) == (0.5, 0.5, 0.5)
 
 
 def test_the_base_models_set_reward_is_computed_once_for_every_model():
     calls = []
-    base = remembered(lambda m: calls.append(m.tolist()) or float(m.sum()))
-    ft = torch.arange(40.0)
-    first = set_win_rate(lambda m: float(ft[m].sum()) + 0.5, base, 40, n_halves=20, n_boot=10,
+    base = remembered(lambda m: calls.append(m.tolist()) or m.sum(-1).double())
+    ft = torch.arange(40.0, dtype=torch.float64)
+    first = set_win_rate(lambda m: ft[m].sum(-1) + 0.5, base, 40, n_halves=20, n_boot=10,
                          halves_per_boot=5)
     distinct = len(calls)
-    assert first == (1.0, 1.0, 1.0) and distinct <= 20 + 10 * 5
-    second = set_win_rate(lambda m: float(ft[m].sum()) - 0.5, base, 40, n_halves=20, n_boot=10,
+    # one batched call for the estimate and one per bootstrap resample
+    assert first == (1.0, 1.0, 1.0) and distinct == 1 + 10
+    second = set_win_rate(lambda m: ft[m].sum(-1) - 0.5, base, 40, n_halves=20, n_boot=10,
                           halves_per_boot=5)
     # the same subsets: no new base calls
     assert second == (0.0, 0.0, 0.0) and len(calls) == distinct
@@ -75,8 +76,8 @@ def test_set_win_rate_halves_hold_distinct_prompts_in_the_bootstrap_too():
     # (which repeats prompts): a repeated clip would shrink the set's effective size, make its FAD
     # noisier than a real half's and pull every bootstrap win rate toward 1/2.
     seen = []
-    set_win_rate(lambda m: seen.append(m.tolist()) or float(m.sum()), lambda m: 0.0, 40,
-                 n_halves=20, n_boot=30, halves_per_boot=5)
+    set_win_rate(lambda m: seen.extend(m.tolist()) or m.sum(-1), lambda m: torch.zeros(len(m)),
+                 40, n_halves=20, n_boot=30, halves_per_boot=5)
     assert len(seen) == 20 + 30 * 5
     assert all(len(s) == 20 and len(set(s)) == 20 for s in seen)
 
@@ -90,7 +91,7 @@ def test_set_win_rate_interval_covers_prompt_sampling():
     covered = 0
     for trial in range(30):
         ft, base = rng.normal(size=40), rng.normal(size=40)
-        rate, lo, hi = set_win_rate(lambda m: float(ft[m].mean()), lambda m: float(base[m].mean()),
+        rate, lo, hi = set_win_rate(lambda m: ft[m].mean(-1), lambda m: base[m].mean(-1),
                                     40, n_halves=50, n_boot=100, halves_per_boot=10, seed=trial)
         assert lo <= rate <= hi
         covered += lo <= 0.5 <= hi

@@ -71,10 +71,14 @@ def test_pooled_set_statistics_equal_the_direct_computation():
     ref = gaussian_stats(torch.randn(100, 4, dtype=torch.float64))
     frames = torch.randn(6, 9, 4)
     stats = set_stats(frames)
-    members = torch.tensor([0, 2, 5])
-    pooled = gaussian_stats(frames[members].reshape(-1, 4))
-    assert fad_from_stats(stats, members, ref) == pytest.approx(
-        -frechet_distance(pooled["mu"], pooled["sigma"], ref["mu"], ref["sigma"]), rel=1e-9)
+    # one set, then several at once (a repeated example pools its frames twice)
+    sets = torch.tensor([[0, 2, 5], [1, 1, 3], [5, 4, 0]])
+    batched = fad_from_stats(stats, sets, ref)
+    for k, members in enumerate(sets):
+        pooled = gaussian_stats(frames[members].reshape(-1, 4))
+        direct = -frechet_distance(pooled["mu"], pooled["sigma"], ref["mu"], ref["sigma"])
+        assert fad_from_stats(stats, members, ref) == pytest.approx(direct, rel=1e-9)
+        assert batched[k].item() == pytest.approx(direct, rel=1e-9)
 
 
 # ---- Vendi ------------------------------------------------------------------------------------
@@ -82,6 +86,9 @@ def test_pooled_set_statistics_equal_the_direct_computation():
 def test_vendi_extremes_and_a_hand_value():
     assert vendi_score(torch.eye(5) * 3) == pytest.approx(5.0)            # orthogonal: n
     assert vendi_score(torch.ones(4, 3)) == pytest.approx(1.0)            # identical: 1
+    # several sets at once
+    assert vendi_score(torch.stack([torch.eye(4), torch.ones(4, 4)])).tolist() == pytest.approx(
+        [4.0, 1.0])
     # two unit vectors with cosine c: eig(K/2) = (1 +- c)/2
     c = 0.6
     lam = np.array([(1 + c) / 2, (1 - c) / 2])
@@ -164,6 +171,10 @@ def test_per_song_fad_rewards(world, encoder, reference):
     reward, f, _ = reward_for(world, kind="fad_per_song", encoder=encoder, reference=reference)
     s = reward.score(f)
     assert reward.type == "instance-to-distribution" and s.shape == (8,) and (s <= 1e-9).all()
+    # a set's reward is its clips' mean, also for a batch of sets
+    of = reward.scores(f, None).of
+    assert of(torch.tensor([[0, 3, 5], [7, 7, 1]])).tolist() == pytest.approx(
+        [s[[0, 3, 5]].mean().item(), s[[7, 7, 1]].mean().item()])
 
 
 def test_text_exemplars_need_a_cross_modal_encoder(world):
@@ -174,8 +185,13 @@ def test_text_exemplars_need_a_cross_modal_encoder(world):
 def test_set_rewards(world):
     fad, f, _ = reward_for(world, kind="fad_dataset", encoder="clap", reference="audio:alim")
     assert fad.is_set and fad.set_score(f) <= 0
-    vendi, f, _ = reward_for(world, kind="vendi", encoder="clap")
-    assert vendi.is_set and 1.0 <= vendi.set_score(f) <= 8.0
+    vendi, fv, _ = reward_for(world, kind="vendi", encoder="clap")
+    assert vendi.is_set and 1.0 <= vendi.set_score(fv) <= 8.0
+    # a batch of sets scores as each set alone
+    sets = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6]])
+    for reward, features in ((fad, f), (vendi, fv)):
+        of = reward.scores(features, None).of
+        assert of(sets).tolist() == pytest.approx([of(m) for m in sets], rel=1e-9)
 
 
 def test_reference_cache_is_reused_and_invalidated_when_the_encoder_changes(world):
