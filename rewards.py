@@ -239,11 +239,11 @@ def reference_items(cfg, reference):
 def reference_stats(cfg, encoder, reference, embed_audio, rank=0):
     """Gaussian statistics of the reference set's embeddings: audio references give frame
     embeddings, text references one CLAP text embedding per caption. Cached in out_dir/rewards
-    with metadata (encoder, windowing, sample rate, count; for a file reference its lines and the
+    with metadata (encoder, data section, count; for a file reference its lines and the
     size and modification time of every file it lists); reused only when that matches."""
+    # the data section makes the synthetic exemplars (seed, noise floor, clip length, ...)
     meta = {"reference": reference, "encoder": encoder.identity,
-            "n_reference": cfg["reward"]["n_reference"],
-            "data_seed": cfg["data"]["seed"], "source": cfg["data"]["source"]}
+            "n_reference": cfg["reward"]["n_reference"], "data": cfg["data"]}
     if cfg["reward"]["level_rms"]:
         meta["level_rms"] = cfg["reward"]["level_rms"]
     name = reference.partition(":")[2]

@@ -194,7 +194,7 @@ def test_set_rewards(world):
         assert of(sets).tolist() == pytest.approx([of(m) for m in sets], rel=1e-9)
 
 
-def test_reference_cache_is_reused_and_invalidated_when_the_encoder_changes(world):
+def test_reference_cache_is_reused_and_invalidated_when_the_encoder_or_data_change(world):
     cfg, codec, _, _, _, _ = world
     calls = []
 
@@ -212,6 +212,10 @@ def test_reference_cache_is_reused_and_invalidated_when_the_encoder_changes(worl
     assert not torch.allclose(c["mu"], a["mu"])
     assert (reference_stats(cfg, LatentIdentity(cfg), "audio:sd", embed) is not None
             and len(calls) == 2)
+    # the same encoder on other exemplar clips (the digitally silent world): fitted again
+    silent = dict(cfg, data=dict(cfg["data"], noise_floor=0.0))
+    d = reference_stats(silent, LatentIdentity(silent), "audio:sd", embed)
+    assert len(calls) == 3 and not torch.allclose(d["mu"], a["mu"])
 
 
 def test_reward_bad_input(world):
