@@ -55,7 +55,7 @@ TARGETS = {   # run name: (the target reward's spec, as in eval.rewards; further
     # the paper's VAE-PSFAD-ALIM, at the paper's beta (RESULTS.md: per-song FAD and silent gaps)
     "fad_song_latent_alim": ("fad_per_song/latent/audio:alim", {"dragon.beta": 5000.0}),
     "fad_song_latent_sd": ("fad_per_song/latent/audio:sd", {}),
-    # 80 prompts per round: with 40, three runs differing only in their draws won 66 / 74 / 88%
+    # 80 prompts per round: runs differing only in their draws won 66 / 74 / 88% with 40, 77-81%
     "fad_song_clap_alim": ("fad_per_song/clap/audio:alim", {"dragon.prompts_per_round": 80}),
     "fad_song_clap_sd": ("fad_per_song/clap/audio:sd", {}),
     "fad_song_text_alim": ("fad_per_song/clap/text:alim", {}),             # text-only exemplars
