@@ -5,6 +5,7 @@ nothing from this repository, and pretrain.py, train.py, eval.py, measure.py and
 import it.
 """
 import datetime
+import gc
 import os
 import shutil
 
@@ -190,8 +191,12 @@ def gather(x, world):
 
 
 def finish_distributed():
-    """Tear the process group down at the end of a torchrun script."""
+    """Tear the process group down at the end of a torchrun script. A DDP wrapper that is gone but
+    not yet collected (its hooks form reference cycles) still holds the gloo group; freed only at
+    interpreter exit, after the group's teardown, it aborted a rank in 10 of 220 two-process gloo
+    runs ("terminate called without an active exception"; collected first: 0 of 250)."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import kill_9_when, run_script, text_batch, tiny_dit
 from dragon import A_theta, Sets, per_example_errors
 from model import load_checkpoint
-from launch import autocast, load_config
+from launch import autocast, finish_distributed, load_config
 from pretrain import pretrain
 from train import dragon_loss, loss_inputs, loss_metrics, resume_log, train
 
@@ -98,8 +98,7 @@ def _ddp_worker(rank, world, init_file, out_file):
     if rank == 0:
         torch.save({name: (state, metrics) for name, (state, _, metrics) in results.items()},
                    out_file)
-    dist.barrier()                       # both ranks done before gloo is torn down
-    dist.destroy_process_group()
+    finish_distributed()                 # what train.py runs at the end
 
 
 def test_f_ref_is_unchanged_and_f_theta_moves():
