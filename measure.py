@@ -147,6 +147,12 @@ def edited_clip_scores(cfg, codec, specs):
     return [corpus.attributes[i] for corpus, i in clean], out
 
 
+def share_higher(by_version, edit):
+    """The share of clips that score higher after `edit` than clean (one Scores per version of
+    edited_clip_scores; a reward that scores an edit higher rewards that defect)."""
+    return (by_version[edit].per_example > by_version["clean"].per_example).float().mean().item()
+
+
 def rewards_on_edited_clips(cfg, codec):
     """Print edited_clip_scores for eval.rewards: the clips' reward and, for instance types, the
     share of clips the edit made score higher (a reward that scores an edit higher rewards that
@@ -156,11 +162,11 @@ def rewards_on_edited_clips(cfg, codec):
     print(f"\n| reward on {n} defect-free corpus clips | " + " | ".join(["clean", *EDITS]) + " |")
     print("| --- " * (len(EDITS) + 2) + "|")
     for name, by_version in scores.items():
-        clean, cells = by_version["clean"], []
+        cells = []
         for version, s in by_version.items():
             cell = f"{s.of(torch.arange(n)):.4f}"
             if version != "clean" and s.per_example is not None:
-                cell += f" (higher in {(s.per_example > clean.per_example).float().mean():.0%})"
+                cell += f" (higher in {share_higher(by_version, version):.0%})"
             cells.append(cell)
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from measure import EDITS, SAMPLER_VARIANTS, edited_clip_scores, main, silent_gap
+from measure import EDITS, SAMPLER_VARIANTS, edited_clip_scores, main, share_higher, silent_gap
 from rewards import parse_reward, reward_name
 from test_train import cfg_for
 
@@ -63,11 +63,6 @@ def edited(tmp_path_factory):
     clips, scores = edited_clip_scores(cfg, make_codec(cfg), PER_SONG_FAD + CLAP_PER_SONG_FAD)
     assert len(clips) >= 30 and len(scores) == len(PER_SONG_FAD + CLAP_PER_SONG_FAD)
     return cfg, scores
-
-
-def share_higher(scores, edit):
-    """The share of clips that score higher with the edit than clean."""
-    return (scores[edit].per_example > scores["clean"].per_example).float().mean().item()
 
 
 GAP, CLIPPED = "+0.25 s silent gap (a dropout)", "x3 gain, clipped at full scale"
